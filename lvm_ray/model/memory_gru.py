@@ -1,0 +1,227 @@
+"""Next-vector models: a memory-augmented GRU (the design's model) and a plain GRU baseline.
+
+Both read a right-padded sequence of unit sentence embeddings and predict the next one, as a unit
+vector. Both are recurrent: `forward(context, state)` continues from `state`, so serving can feed
+one new vector at a time at O(1) cost in the context length and still match the full-context call.
+
+    pred, state = model(context)                 # (B, D), RecurrentState
+    pred, state = model(next_vectors, state)     # continue the same sequences
+    pred, state = model.step(x, state)           # one vector (B, D)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from lvm_ray.config import ModelConfig
+
+# Bounds on the memory's softmax temperature (scores are cosines in [-1, 1]): below 0.01 the read
+# collapses to a one-hot argmax, above 1 it is close to a uniform average.
+_TEMP_MIN, _TEMP_MAX, _TEMP_INIT = 0.01, 1.0, 0.1
+# Final head layer init: the delta's norm starts near this, so the delta-mode prediction starts at
+# the copy-last baseline (cos(pred, x_last) ~ 0.999) instead of at a random direction.
+_DELTA_INIT_SCALE = 0.05
+
+
+class RecurrentState(NamedTuple):
+    """What a model remembers after consuming a context."""
+
+    h: Tensor  # (layers, B, H) GRU state after each row's last valid step
+    last: Tensor  # (B, D) each row's last valid input vector (delta mode adds to it)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _check_inputs(
+    cfg: ModelConfig, context: Tensor, state: RecurrentState | None, lengths: Tensor | None
+) -> Tensor | None:
+    """Raise ValueError on malformed inputs; return lengths on the CPU (None = all valid)."""
+    D, H, L = cfg.d_in, cfg.hidden, cfg.layers
+    if not isinstance(context, Tensor):
+        raise ValueError(f"context must be a torch.Tensor (B, T, {D}), got {type(context).__name__}")
+    if context.dim() != 3 or context.shape[-1] != D:
+        raise ValueError(f"context must be (B, T, {D}), got {tuple(context.shape)}")
+    B, T, _ = context.shape
+    if B < 1:
+        raise ValueError(f"context must be (B, T, {D}) with B >= 1, got {tuple(context.shape)}")
+    if T < 1:
+        raise ValueError(f"context is empty: (B, T, {D}) needs T >= 1, got {tuple(context.shape)}")
+    if not context.is_floating_point():
+        raise ValueError(f"context must be a float tensor, got {context.dtype}")
+    if not bool(torch.isfinite(context).all()):
+        raise ValueError("context contains NaN or Inf values")
+    if state is not None:
+        if not isinstance(state, RecurrentState):
+            raise ValueError(f"state must be a RecurrentState, got {type(state).__name__}")
+        if tuple(state.h.shape) != (L, B, H):
+            raise ValueError(f"state.h must be ({L}, {B}, {H}), got {tuple(state.h.shape)}")
+        if tuple(state.last.shape) != (B, D):
+            raise ValueError(f"state.last must be ({B}, {D}), got {tuple(state.last.shape)}")
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
+        shape = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be a LongTensor ({B},), got {shape}")
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    lengths = lengths.detach().to("cpu", torch.int64)
+    if int(lengths.min()) < 1 or int(lengths.max()) > T:
+        raise ValueError(f"lengths must lie in [1, T={T}], got {lengths.tolist()}")
+    return lengths
+
+
+def _run_gru(
+    norm: nn.LayerNorm,
+    gru: nn.GRU,
+    context: Tensor,
+    state: RecurrentState | None,
+    lengths: Tensor | None,
+) -> RecurrentState:
+    """Consume context (B, T, D) from `state`; only each row's first lengths[b] steps count."""
+    B, T, _ = context.shape
+    x = norm(context)  # (B, T, D), per-vector so padding and chunking cannot leak across steps
+    h0 = None if state is None else state.h
+    if lengths is None or int(lengths.min()) == T:
+        # Only h_n is needed: the memory read happens once, from the final state.
+        _, h = gru(x, h0)  # (layers, B, H)
+        last = context[:, -1]  # (B, D)
+    else:
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = gru(packed, h0)  # (layers, B, H), rows back in input order
+        idx = (lengths - 1).to(context.device)
+        last = context[torch.arange(B, device=context.device), idx]  # (B, D)
+    return RecurrentState(h, last)
+
+
+def _make_head(cfg: ModelConfig) -> nn.Sequential:
+    H, D = cfg.hidden, cfg.d_in
+    head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * H, D))
+    if cfg.delta:
+        out = head[-1]
+        nn.init.normal_(out.weight, std=_DELTA_INIT_SCALE / math.sqrt(out.in_features * D))
+        nn.init.zeros_(out.bias)
+    return head
+
+
+def _predict(cfg: ModelConfig, head_out: Tensor, last: Tensor) -> Tensor:
+    """(B, D) head output -> (B, D) unit prediction."""
+    if cfg.delta:
+        # Predict a change from the last vector: "copy the last" is free, the model learns the rest.
+        return F.normalize(last + head_out, dim=-1)
+    return F.normalize(head_out, dim=-1)
+
+
+def _make_gru(cfg: ModelConfig) -> nn.GRU:
+    # nn.GRU warns when dropout is set with a single layer (it only acts between layers).
+    dropout = cfg.dropout if cfg.layers > 1 else 0.0
+    return nn.GRU(cfg.d_in, cfg.hidden, cfg.layers, batch_first=True, dropout=dropout)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class MemoryGRU(nn.Module):
+    """LayerNorm -> GRU -> content-addressed read of `slots` learned memory slots -> fuse -> head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden
+        self.in_norm = nn.LayerNorm(cfg.d_in)
+        self.gru = _make_gru(cfg)
+        if cfg.slots > 0:
+            self.query = nn.Linear(H, H)
+            self.mem_keys = nn.Parameter(torch.randn(cfg.slots, H))  # (S, H), compared by cosine
+            self.mem_values = nn.Parameter(torch.randn(cfg.slots, H) / math.sqrt(H))  # (S, H)
+            # Learned temperature, kept as a log so it stays positive.
+            self.log_temp = nn.Parameter(torch.tensor(math.log(_TEMP_INIT)))
+        self.fuse = nn.Linear(2 * H if cfg.slots > 0 else H, H)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = _make_head(cfg)
+
+    def temperature(self) -> Tensor:
+        return self.log_temp.exp().clamp(_TEMP_MIN, _TEMP_MAX)
+
+    def read_memory(self, h_top: Tensor) -> Tensor:
+        """(B, H) top-layer state -> (B, H) attention-weighted mix of the memory values."""
+        q = F.normalize(self.query(h_top), dim=-1)  # (B, H)
+        k = F.normalize(self.mem_keys, dim=-1)  # (S, H)
+        attn = torch.softmax(q @ k.T / self.temperature(), dim=-1)  # (B, S)
+        return attn @ self.mem_values  # (B, H)
+
+    def forward(
+        self,
+        context: Tensor,
+        state: RecurrentState | None = None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, RecurrentState]:
+        """context (B, T, D) right-padded, lengths (B,) or None -> prediction (B, D), state."""
+        lengths = _check_inputs(self.cfg, context, state, lengths)
+        state = _run_gru(self.in_norm, self.gru, context, state, lengths)
+        h_top = state.h[-1]  # (B, H)
+        if self.cfg.slots > 0:
+            z = torch.cat([h_top, self.read_memory(h_top)], dim=-1)  # (B, 2H)
+        else:
+            z = h_top
+        z = self.drop(F.gelu(self.fuse(z)))  # (B, H)
+        pred = _predict(self.cfg, self.head(z), state.last)  # (B, D)
+        return pred, state
+
+    def step(self, x: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
+        """One new vector x (B, D) -> prediction (B, D), state."""
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, {self.cfg.d_in}), got {shape}")
+        return self(x[:, None], state)
+
+
+class GRUModel(nn.Module):
+    """Baseline: LayerNorm -> GRU -> head, the same interface as MemoryGRU and no memory."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_norm = nn.LayerNorm(cfg.d_in)
+        self.gru = _make_gru(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = _make_head(cfg)
+
+    def forward(
+        self,
+        context: Tensor,
+        state: RecurrentState | None = None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, RecurrentState]:
+        """context (B, T, D) right-padded, lengths (B,) or None -> prediction (B, D), state."""
+        lengths = _check_inputs(self.cfg, context, state, lengths)
+        state = _run_gru(self.in_norm, self.gru, context, state, lengths)
+        pred = _predict(self.cfg, self.head(self.drop(state.h[-1])), state.last)  # (B, D)
+        return pred, state
+
+    def step(self, x: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
+        """One new vector x (B, D) -> prediction (B, D), state."""
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, {self.cfg.d_in}), got {shape}")
+        return self(x[:, None], state)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.kind == "memory_gru":
+        return MemoryGRU(cfg)
+    if cfg.kind == "gru":
+        return GRUModel(cfg)
+    raise ValueError(f"unknown model kind {cfg.kind!r}; choose 'memory_gru' or 'gru'")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,145 @@
+"""Checkpoint + concept bank -> next-concept prediction and its nearest concepts.
+
+This is the whole inference path; Serve deployments only wrap it. Full-context requests read the
+last `max_context` vectors (the context length the model was trained with). Incremental use
+(`new_state` / `append`) costs O(1) model work per appended vector whatever the history length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from lvm_ray.data.bank import ConceptBank, load_bank
+from lvm_ray.model import RecurrentState
+from lvm_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint
+from lvm_ray.train.step import resolve_device
+
+
+class PredictorInputError(ValueError):
+    """The request's context cannot be used (shape, dtype, NaN/Inf, empty, unknown ids)."""
+
+
+@dataclass
+class Neighbor:
+    concept_id: int
+    text: str
+    doc_id: str
+    position: int
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class Prediction:
+    vector: np.ndarray  # (D,) unit norm
+    neighbors: list[Neighbor]
+    context_used: int  # how many context vectors the model read
+
+
+class Predictor:
+    def __init__(self, ckpt: LoadedCheckpoint, bank: ConceptBank, device: str = "auto",
+                 max_context: int | None = None):
+        if bank.dim != ckpt.model_config.d_in:
+            raise ValueError(f"bank is {bank.dim}-d but the checkpoint expects "
+                             f"{ckpt.model_config.d_in}-d vectors")
+        self.device = resolve_device(device)
+        self.model = ckpt.model.to(self.device).eval()
+        self.meta = ckpt.meta
+        self.bank = bank
+        self.dim = bank.dim
+        trained_ctx = ckpt.meta.get("config", {}).get("window", {}).get("context")
+        self.max_context = int(max_context or trained_ctx or 1000)
+        # Exact inner-product search: on unit vectors that is cosine similarity.
+        self.index = faiss.IndexFlatIP(self.dim)
+        self.index.add(bank.vectors)
+
+    @classmethod
+    def from_paths(cls, checkpoint: str | Path, bank: str | Path, device: str = "auto",
+                   max_context: int | None = None) -> "Predictor":
+        return cls(load_checkpoint(checkpoint), load_bank(bank), device, max_context)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_config": self.meta.get("model_config"),
+            "n_parameters": self.meta.get("n_parameters"),
+            "epoch": self.meta.get("epoch"),
+            "metrics": self.meta.get("metrics"),
+            "test_metrics": self.meta.get("test_metrics"),
+            "data": self.meta.get("data"),
+            "max_context": self.max_context,
+            "bank_size": len(self.bank),
+        }
+
+    # ------------------------------------------------------------------ input checks
+
+    def validate(self, context: Any) -> np.ndarray:
+        """Return the context as float32 (T, D) or raise PredictorInputError saying why."""
+        try:
+            arr = np.asarray(context, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise PredictorInputError(f"context must be numbers shaped (T, {self.dim}): {e}")
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise PredictorInputError(
+                f"context must be shaped (T, {self.dim}), got {tuple(arr.shape)}")
+        if arr.shape[0] == 0:
+            raise PredictorInputError("context is empty: give at least one vector")
+        if not np.isfinite(arr).all():
+            raise PredictorInputError("context contains NaN or Inf")
+        return arr
+
+    def vectors_for_ids(self, ids: list[int]) -> np.ndarray:
+        ids_arr = np.asarray(ids)
+        if ids_arr.ndim != 1 or not np.issubdtype(ids_arr.dtype, np.integer):
+            raise PredictorInputError("concept_ids must be a list of integers")
+        bad = ids_arr[(ids_arr < 0) | (ids_arr >= len(self.bank))]
+        if len(bad):
+            raise PredictorInputError(f"unknown concept id(s) {bad[:5].tolist()}; "
+                                      f"the bank has ids 0..{len(self.bank) - 1}")
+        return self.bank.vectors[ids_arr]
+
+    # ------------------------------------------------------------------ inference
+
+    def neighbors(self, preds: np.ndarray, k: int) -> list[list[Neighbor]]:
+        scores, ids = self.index.search(np.ascontiguousarray(preds, dtype=np.float32), k)
+        b = self.bank
+        return [[Neighbor(int(i), str(b.texts[i]), str(b.doc_ids[i]), int(b.positions[i]),
+                          float(s)) for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
+
+    @torch.no_grad()
+    def predict_batch(self, contexts: list[np.ndarray], k: int = 5) -> list[Prediction]:
+        """Several contexts of different lengths in one padded forward pass."""
+        if not contexts:
+            return []
+        ctxs = [self.validate(c)[-self.max_context :] for c in contexts]
+        lengths = np.array([len(c) for c in ctxs])
+        batch = np.zeros((len(ctxs), lengths.max(), self.dim), dtype=np.float32)
+        for i, c in enumerate(ctxs):
+            batch[i, : len(c)] = c
+        pred, _ = self.model(torch.from_numpy(batch).to(self.device),
+                             lengths=torch.from_numpy(lengths))
+        pred = pred.float().cpu().numpy()
+        nbrs = self.neighbors(pred, k)
+        return [Prediction(p, n, int(t)) for p, n, t in zip(pred, nbrs, lengths)]
+
+    def predict(self, context: np.ndarray, k: int = 5) -> Prediction:
+        return self.predict_batch([context], k)[0]
+
+    # ------------------------------------------------------------------ incremental
+
+    @torch.no_grad()
+    def append(self, vectors: np.ndarray, state: RecurrentState | None = None,
+               k: int = 5) -> tuple[Prediction, RecurrentState]:
+        """Feed new vectors after `state` (None = start); O(len(vectors)) model work."""
+        arr = self.validate(vectors)
+        pred, new_state = self.model(torch.from_numpy(arr)[None].to(self.device), state)
+        p = pred.float().cpu().numpy()
+        return Prediction(p[0], self.neighbors(p, k)[0], len(arr)), new_state

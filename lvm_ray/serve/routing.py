@@ -1,0 +1,148 @@
+"""The hybrid routing policy: which model answers a context, canary rollout and automatic rollback.
+
+Plain Python (no Ray), held by the Serve router; every router replica has its own instance and
+decides on what it observes itself.
+
+- Contexts of up to `threshold` vectors go to Phase-2 (trained on 500-vector contexts).
+- Longer ones go to Phase-3 (trained on 1000), but only a `canary_fraction` of them while it is
+  being rolled out (the design's 5% -> 10% -> 25% -> 50% -> 100%); the rest stay on Phase-2.
+- Guardrail: over the last `window` Phase-3 calls (at least `min_samples`), a P95 latency above
+  `p95_limit_ms` or an error rate above `error_rate_limit` rolls back: every routed request goes
+  to Phase-2 until an operator re-arms the rollout by changing `canary_fraction` or `rollout_id`
+  in the router's user_config.
+- A request or session that names its model explicitly is served by that model (no rollout).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+PHASE2, PHASE3 = "phase2", "phase3"
+MODELS = (PHASE2, PHASE3)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    threshold: int = 500  # contexts longer than this are "long" (Phase-3 candidates)
+    canary_fraction: float = 0.05  # share of long contexts sent to Phase-3 (0..1)
+    p95_limit_ms: float = 10.0  # Phase-3 rolling P95 latency above this rolls back
+    error_rate_limit: float = 0.001  # Phase-3 rolling error rate above this rolls back
+    window: int = 200  # Phase-3 calls the guardrail looks at
+    min_samples: int = 20  # no verdict on fewer calls
+    rollout_id: str = ""  # a new value re-arms the rollout after a rollback
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if not 0.0 <= self.canary_fraction <= 1.0:
+            raise ValueError(f"canary_fraction must be in [0, 1], got {self.canary_fraction}")
+        if self.p95_limit_ms <= 0 or not 0.0 <= self.error_rate_limit <= 1.0:
+            raise ValueError("p95_limit_ms must be > 0 and error_rate_limit in [0, 1]")
+        if self.window < 1 or not 1 <= self.min_samples <= self.window:
+            raise ValueError("need window >= 1 and 1 <= min_samples <= window")
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str
+    reason: str  # short | canary | canary_skip | rolled_back | explicit
+
+
+@dataclass(frozen=True)
+class Rollback:
+    at: float  # unix seconds
+    reason: str  # "p95" or "error_rate"
+    p95_ms: float
+    error_rate: float
+    samples: int
+
+
+class RoutingPolicy:
+    def __init__(self, cfg: RoutingConfig = RoutingConfig(), rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._samples: deque[tuple[float, bool]] = deque(maxlen=cfg.window)  # (latency ms, ok)
+        self.rolled_back: Rollback | None = None
+        self.history: deque[Rollback] = deque(maxlen=20)
+        self.decisions: dict[str, int] = {}
+
+    def configure(self, cfg: RoutingConfig) -> None:
+        """Apply a new config live; a changed rollout (fraction or id) re-arms after a rollback."""
+        if (cfg.canary_fraction, cfg.rollout_id) != (self.cfg.canary_fraction, self.cfg.rollout_id):
+            self.rolled_back = None
+            self._samples.clear()
+        if cfg.window != self.cfg.window:
+            self._samples = deque(self._samples, maxlen=cfg.window)
+        self.cfg = cfg
+
+    @property
+    def state(self) -> str:
+        if self.rolled_back is not None:
+            return "rolled_back"
+        f = self.cfg.canary_fraction
+        return "phase2_only" if f == 0.0 else "full" if f == 1.0 else "canary"
+
+    def route(self, n_vectors: int, explicit: str | None = None) -> Route:
+        if explicit is not None:
+            if explicit not in MODELS:
+                raise ValueError(f"unknown model {explicit!r}; choose one of {', '.join(MODELS)} "
+                                 "or leave it out to let the router decide")
+            r = Route(explicit, "explicit")
+        elif n_vectors <= self.cfg.threshold:
+            r = Route(PHASE2, "short")
+        elif self.rolled_back is not None:
+            r = Route(PHASE2, "rolled_back")
+        elif self._rng.random() < self.cfg.canary_fraction:
+            r = Route(PHASE3, "canary")
+        else:
+            r = Route(PHASE2, "canary_skip")
+        key = f"{r.model}:{r.reason}"
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        return r
+
+    def record(self, model: str, latency_ms: float, ok: bool) -> Rollback | None:
+        """Feed one Phase-3 outcome (server errors only, never the client's bad input); return the
+        Rollback if this one tripped the guardrail."""
+        if model != PHASE3:
+            return None
+        self._samples.append((float(latency_ms), bool(ok)))
+        if self.rolled_back is not None or len(self._samples) < self.cfg.min_samples:
+            return None
+        p95, err = self.p95_ms(), self.error_rate()
+        reason = ("p95" if p95 > self.cfg.p95_limit_ms
+                  else "error_rate" if err > self.cfg.error_rate_limit else None)
+        if reason is None:
+            return None
+        self.rolled_back = Rollback(self._clock(), reason, p95, err, len(self._samples))
+        self.history.append(self.rolled_back)
+        self._samples.clear()
+        return self.rolled_back
+
+    def p95_ms(self) -> float:
+        if not self._samples:
+            return 0.0
+        return float(np.percentile([s[0] for s in self._samples], 95))
+
+    def error_rate(self) -> float:
+        if not self._samples:
+            return 0.0
+        return sum(not ok for _, ok in self._samples) / len(self._samples)
+
+    def status(self) -> dict:
+        return {
+            "state": self.state,
+            "config": asdict(self.cfg),
+            "phase3_window": {"samples": len(self._samples), "p95_ms": self.p95_ms(),
+                              "error_rate": self.error_rate()},
+            "rolled_back": asdict(self.rolled_back) if self.rolled_back else None,
+            "rollbacks": [asdict(r) for r in self.history],
+            "decisions": dict(self.decisions),
+        }

@@ -1,0 +1,34 @@
+"""Shared fixtures. Ray tests share ONE session-scoped local Ray (RAY_NOTES: ~4 s to start)."""
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2,
+                 log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001  Serve may never have started
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_bank():
+    from lvm_ray.data.synthetic import make_synthetic_bank
+
+    return make_synthetic_bank(n_docs=40, doc_len=(60, 100), dim=32, seed=0)

@@ -1,0 +1,108 @@
+"""lvm_loss and info_nce against hand-written references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lvm_ray.config import LossConfig
+from lvm_ray.model import info_nce, lvm_loss
+
+
+def _data(B=6, D=32, K=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(B, D, generator=g)
+    target = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    extra = F.normalize(torch.randn(K, D, generator=g), dim=-1)
+    return pred, target, extra
+
+
+def _info_nce_reference(pred, target, temperature, extra=None):
+    """Explicit loop in float64 numpy."""
+    p, t = pred.double().numpy(), target.double().numpy()
+    cands = t if extra is None else np.concatenate([t, extra.double().numpy()])
+    total = 0.0
+    for i in range(len(p)):
+        pi = p[i] / np.linalg.norm(p[i])
+        logits = [pi @ (c / np.linalg.norm(c)) / temperature for c in cands]
+        m = max(logits)
+        log_z = m + math.log(sum(math.exp(v - m) for v in logits))
+        total += log_z - logits[i]
+    return total / len(p)
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_info_nce_matches_reference(with_extra):
+    pred, target, extra = _data()
+    extra = extra if with_extra else None
+    got = float(info_nce(pred, target, 0.07, extra))
+    assert got == pytest.approx(_info_nce_reference(pred, target, 0.07, extra), rel=1e-5)
+
+
+def test_extra_negatives_change_value_and_positive_is_column_i():
+    pred, target, extra = _data()
+    pred = target + 0.3 * pred / pred.norm(dim=-1, keepdim=True)  # each row near its own target
+    base = float(info_nce(pred, target, 0.1))
+    with_extra = float(info_nce(pred, target, 0.1, extra))
+    assert with_extra > base  # more negatives can only add to the partition function
+    # If the positive sat anywhere but column i, a near-perfect pred would not give a low loss.
+    assert with_extra < 0.5
+    # An extra negative identical to row 0's target makes row 0 ambiguous: loss rises by ~log 2 / B.
+    dup = float(info_nce(pred, target, 0.1, target[:1]))
+    assert dup - base == pytest.approx(math.log(2) / len(pred), rel=0.05)
+
+
+def test_extra_negatives_carry_no_gradient():
+    pred, target, extra = _data()
+    pred.requires_grad_(True)
+    extra.requires_grad_(True)
+    info_nce(pred, target, 0.07, extra).backward()
+    assert pred.grad is not None and extra.grad is None
+
+
+def test_components_sum_with_weights():
+    pred, target, extra = _data()
+    cfg = LossConfig(w_mse=2.0, w_cos=0.7, alpha=0.3, temperature=0.05, negatives="gathered")
+    loss, parts = lvm_loss(pred, target, cfg, extra)
+    mse = float(((pred - target) ** 2).mean())
+    cos = float((1 - (F.normalize(pred, dim=-1) * target).sum(-1)).mean())
+    nce = _info_nce_reference(pred, target, 0.05, extra)
+    assert parts["mse"] == pytest.approx(mse, rel=1e-5)
+    assert parts["cos"] == pytest.approx(cos, rel=1e-5)
+    assert parts["infonce"] == pytest.approx(nce, rel=1e-5)
+    expected = 2.0 * mse + 0.7 * cos + 0.3 * nce
+    assert parts["loss"] == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert set(parts) == {"loss", "mse", "cos", "infonce"}
+    assert all(isinstance(v, float) for v in parts.values())
+
+
+def test_negatives_modes():
+    pred, target, extra = _data()
+    gathered = lvm_loss(pred, target, LossConfig(negatives="gathered"), extra)[1]
+    local = lvm_loss(pred, target, LossConfig(negatives="local"), extra)[1]
+    local_ref = lvm_loss(pred, target, LossConfig(negatives="gathered"))[1]
+    assert local["infonce"] == pytest.approx(local_ref["infonce"])  # local ignores extras
+    assert gathered["infonce"] != pytest.approx(local["infonce"])
+    for cfg in (LossConfig(negatives="none"), LossConfig(alpha=0.0)):
+        loss, parts = lvm_loss(pred, target, cfg, extra)
+        assert parts["infonce"] == 0.0
+        assert float(loss) == pytest.approx(cfg.w_mse * parts["mse"] + cfg.w_cos * parts["cos"])
+
+
+def test_loss_backward_and_shape_errors():
+    pred, target, extra = _data()
+    pred.requires_grad_(True)
+    loss, _ = lvm_loss(pred, target, LossConfig(), extra)
+    loss.backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+    with pytest.raises(ValueError, match=r"target must be \(B, D\)"):
+        lvm_loss(pred, target[:, :5], LossConfig())
+    with pytest.raises(ValueError, match=r"pred must be \(B, D\)"):
+        lvm_loss(pred[0], target[0], LossConfig())
+    with pytest.raises(ValueError, match=r"extra_negatives must be \(K, 32\)"):
+        lvm_loss(pred, target, LossConfig(), extra[:, :4])
