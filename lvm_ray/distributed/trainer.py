@@ -88,7 +88,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # One intra-op thread per CPU the worker owns: oversubscribed OpenMP threads spin and
+    # made the GRU 8x slower on 2 shared cores.
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours
     run_dir = config["run_dir"]
     if rank == 0 or config.get("record_pids"):
         # Operators (and the fault-injection test) find the worker processes here.
@@ -178,6 +182,8 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
         "window": np.arange(len(train_ws), dtype=np.int64),
         "target_concept": train_ws.target_rows,
     })
+    # Window-id shards are tiny; their progress bars would drown the per-epoch lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"train": ray.data.from_arrow(window_table)}
     run_dir = run_dir_of(cfg)
     trainer = TorchTrainer(

@@ -12,7 +12,6 @@ The deployments translate; the math lives in lvm_ray.predictor, the routing poli
 lvm_ray.serve.routing and the session tokens in lvm_ray.serve.sessions (both Ray-free).
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -238,7 +237,8 @@ class ModelServer:
                 "model_config": i["model_config"], "epoch": i["epoch"],
                 "val_metrics": i["metrics"], "test_metrics": self.test_metrics,
                 "bank_size": i["bank_size"], "bank_encoder": self.predictor.bank.meta.get("encoder"),
-                "user_config": self.user.model_dump()}
+                "user_config": self.user.model_dump(),
+                "replica": serve.get_replica_context().replica_tag}
 
     def noop(self) -> dict[str, Any]:
         return {}
@@ -488,7 +488,7 @@ class Router:
     def _prediction(self, out: dict, model: str, route: str, n: int, timings: dict) -> dict:
         return {"model": model, "route": route, "context_length": n,
                 "context_used": out["context_used"], "neighbors": out["neighbors"],
-                "vector": out["vector"], "timings_ms": timings}
+                "vector": out["vector"], "batch_size": out["batch_size"], "timings_ms": timings}
 
     async def _timed(self, endpoint: str, fn, *args):
         """Run an endpoint body with request/error/latency metrics around it."""
@@ -556,7 +556,7 @@ class Router:
         r = self._route(ctx.n, req.model)
         out, call_ms = await self._call(r.model, "predict", "predict", ctx.vectors,
                                         ctx.concept_ids, req.k, req.return_vector)
-        timings.update(model=out["model_ms"], model_call=call_ms, batch_size=out["batch_size"],
+        timings.update(model=out["model_ms"], model_call=call_ms,
                        total=(time.perf_counter() - t0) * 1000)
         return self._prediction(out, r.model, r.reason, ctx.n, timings)
 
@@ -615,7 +615,7 @@ class Router:
         state.h, state.last, state.fingerprint = out["h"], out["last"], out["fingerprint"]
         state.n_seen += ctx.n
         state.issued_at = time.time()
-        timings.update(model=out["model_ms"], model_call=call_ms, batch_size=out["batch_size"],
+        timings.update(model=out["model_ms"], model_call=call_ms,
                        total=(time.perf_counter() - t0) * 1000)
         return out
 
@@ -624,22 +624,114 @@ class Router:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The whole app from its args (see AppArgs). Paths are resolved here, in the process that
-    builds the app; each deploy without a session key gets a fresh one."""
+    """The whole app from its args (see AppArgs): what `serve run` / `serve deploy` import."""
+    return make_app(args)
+
+
+def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] | None = None
+             ) -> Application:
+    """build_app with per-deployment option overrides for Python callers (tests, benchmarks),
+    e.g. {"Router": {"user_config": {...}}}: what a serve config's `deployments` list does.
+    Paths are resolved here, in the process that builds the app; without a session key each
+    build makes a fresh one."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args or {}))
+    options = dict(options or {})
     key = os.environ.get("LVM_SESSION_KEY") or a.session_key or new_key()
 
     def path(p: str) -> str:
         return p if "://" in p else str(Path(p).expanduser().resolve())
 
+    def opts(name: str) -> dict[str, Any]:
+        return {"name": name, **options.pop(name, {})}
+
     bank = path(a.bank)
-    phase2 = ModelServer.options(name=DEPLOYMENT_NAMES[PHASE2]).bind(
+    phase2 = ModelServer.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
         PHASE2, path(a.phase2_checkpoint), bank, a.device)
-    phase3 = ModelServer.options(name=DEPLOYMENT_NAMES[PHASE3]).bind(
+    phase3 = ModelServer.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
         PHASE3, path(a.phase3_checkpoint), bank, a.device)
-    encoder = TextEncoder.bind(bank, a.encoder)
-    return Router.bind(phase2, phase3, encoder, key)
+    encoder = TextEncoder.options(**opts("TextEncoder")).bind(bank, a.encoder)
+    app = Router.options(**opts("Router")).bind(phase2, phase3, encoder, key)
+    if options:
+        raise ValueError(f"unknown deployment(s) {sorted(options)}; the app has Router, "
+                         f"{', '.join(DEPLOYMENT_NAMES.values())}, TextEncoder")
+    return app
+
+
+def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentHandle]:
+    """Deploy a serve config file (e.g. serve_configs/hybrid.yaml) on the current Ray (started
+    locally if needed) through the Python API: what `serve run CONFIG` does, for `lvm serve`.
+    With blocking=True it serves until interrupted. Returns the ingress handle of each app."""
+    import ray
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(path).read_text())
+    cfg = ServeDeploySchema.model_validate(raw)  # the same checks `serve deploy` makes
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options=raw.get("http_options") or {})
+    handles = {}
+    for app in raw["applications"]:
+        if app["import_path"] != "lvm_ray.serve.app:build_app":
+            raise ValueError(f"{path}: run_config deploys lvm_ray apps only, got "
+                             f"{app['import_path']}; use `serve run {path}`")
+        options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
+                   for d in app.get("deployments", [])}
+        handles[app["name"]] = serve.run(make_app(app.get("args", {}), options),
+                                         name=app["name"], route_prefix=app.get("route_prefix", "/"))
+    host, port = cfg.http_options.host, cfg.http_options.port
+    print(f"lvm_ray serving on http://{host}:{port}/ (OpenAPI at /docs); Ctrl-C stops it",
+          flush=True)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return handles
+
+
+def demo_query(phase2_checkpoint: str, phase3_checkpoint: str, bank: str,
+               texts: list[str] | None = None) -> dict[str, Any]:
+    """For `make demo`: deploy the app on the running Ray, ask it over HTTP for the concept after
+    a few sentences (one prediction, then a session fed one sentence at a time), print the
+    answers, shut Serve down. Returns the predict response."""
+    import socket
+
+    import httpx
+
+    texts = texts or ["We must rebuild our economy.", "Our workers deserve better wages.",
+                      "Tonight I ask the Congress to act."]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(make_app({"phase2_checkpoint": phase2_checkpoint,
+                            "phase3_checkpoint": phase3_checkpoint, "bank": bank}),
+                  name="lvm", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            r = http.post("/v1/predict", json={"texts": texts, "k": 3})
+            r.raise_for_status()
+            out = r.json()
+            print(f"context: {texts}\n{out['model']} ({out['route']}) predicts the next concept "
+                  f"is near:", flush=True)
+            for n in out["neighbors"]:
+                print(f"  {n['score']:.3f}  [{n['doc_id']} #{n['position']}] {n['text'][:100]}")
+            s = http.post("/v1/sessions", json={}).json()
+            for t in texts:
+                r = http.post(f"/v1/sessions/{s['session_id']}/append",
+                              json={"state": s["state"], "texts": [t], "k": 1})
+                r.raise_for_status()
+                s = r.json()
+            same = s["neighbors"][0]["concept_id"] == out["neighbors"][0]["concept_id"]
+            print(f"a session fed the same {s['n_seen']} sentences one at a time "
+                  f"{'agrees' if same else 'DIFFERS'}: {s['neighbors'][0]['text'][:100]!r} "
+                  f"(last append {s['timings_ms']['total']:.1f} ms in the router)", flush=True)
+        return out
+    finally:
+        serve.shutdown()
 
 
 __all__ = ["AppArgs", "MODELS", "ModelServer", "ModelUserConfig", "Router", "RouterUserConfig",
-           "TextEncoder", "append_batch", "build_app"]
+           "TextEncoder", "append_batch", "build_app", "demo_query", "make_app", "run_config"]

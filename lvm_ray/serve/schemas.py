@@ -81,7 +81,10 @@ class PredictionOut(BaseModel):
     context_used: int = Field(description="vectors the model read in this call")
     neighbors: list[NeighborOut]
     vector: list[float] | None = None
-    timings_ms: dict[str, float]
+    batch_size: int = Field(description="requests the model served in the same forward pass")
+    timings_ms: dict[str, float] = Field(
+        description="decode (body -> context), encode (texts), model (forward + kNN of the "
+                    "batch), model_call (router -> model round trip), total (inside the router)")
 
 
 class SessionOut(PredictionOut):

@@ -1,0 +1,1 @@
+"""Thin Ray adapters: Ray Data (ingest, window shards), Ray Train, Ray Tune."""

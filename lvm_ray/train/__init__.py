@@ -1,0 +1,1 @@
+"""Training recipe (plain PyTorch) and checkpoints."""

@@ -1,0 +1,101 @@
+"""Every serve config validates offline (no Ray cluster): the deploy schema, each autoscaling block
+(keys and values, which ServeDeploySchema does not check), each user_config against the
+deployment's own model, the app args, and that each import_path imports and builds an app whose
+deployments are the ones the config names."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray._common.utils import import_attr
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+
+from lvm_ray.serve.app import AppArgs, ModelUserConfig, RouterUserConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "serve_configs").glob("*.yaml"))
+USER_CONFIGS = {"Router": RouterUserConfig, "Phase2Model": ModelUserConfig,
+                "Phase3Model": ModelUserConfig}
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_there_are_configs():
+    assert ROOT / "serve_configs" / "hybrid.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_deploy_schema(path):
+    raw = load(path)
+    cfg = ServeDeploySchema.model_validate(raw)
+    assert cfg.applications, "no applications"
+    # ServeDeploySchema ignores unknown keys: compare them with its fields ourselves.
+    assert set(raw) <= set(ServeDeploySchema.model_fields), set(raw) - set(ServeDeploySchema.model_fields)
+    assert raw["http_options"]["host"] == "127.0.0.1", "bind to loopback by default"
+    assert path.read_text().startswith("# serve run serve_configs/"), "start with the command"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_autoscaling_and_user_configs(path):
+    fields = set(AutoscalingConfig.model_fields)
+    for app in load(path)["applications"]:
+        for dep in app.get("deployments", []):
+            block = dep.get("autoscaling_config")
+            if block is not None:
+                assert set(block) <= fields, f"{dep['name']}: unknown {set(block) - fields}"
+                ac = AutoscalingConfig.model_validate(block)
+                assert 1 <= ac.min_replicas <= ac.max_replicas, dep["name"]
+                assert "num_replicas" not in dep or dep["num_replicas"] == "auto"
+            if "user_config" in dep:
+                USER_CONFIGS[dep["name"]].model_validate(dep["user_config"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_fits_two_cores(path):
+    """At full scale every replica's CPU reservation fits a 2-core machine."""
+    total = 0.0
+    for app in load(path)["applications"]:
+        for dep in app.get("deployments", []):
+            cpus = dep.get("ray_actor_options", {}).get("num_cpus")
+            assert cpus is not None and 0 < cpus < 1, f"{dep['name']}: set num_cpus below 1"
+            scale = (dep["autoscaling_config"]["max_replicas"] if "autoscaling_config" in dep
+                     else dep.get("num_replicas", 1))
+            total += cpus * scale
+    assert total <= 2.0, total
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_import_path_builds(path):
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+
+    for app in load(path)["applications"]:
+        AppArgs.model_validate(app.get("args", {}))
+        builder = import_attr(app["import_path"])
+        built = build_app(call_user_app_builder_with_args_if_necessary(builder, app.get("args", {})),
+                          name=app["name"])
+        names = {d.name for d in built.deployments}
+        assert names == {"Router", "Phase2Model", "Phase3Model", "TextEncoder"}
+        assert {d["name"] for d in app.get("deployments", [])} <= names
+
+
+def test_hybrid_defaults_point_at_the_demo():
+    args = load(ROOT / "serve_configs" / "hybrid.yaml")["applications"][0]["args"]
+    assert args == {"phase2_checkpoint": "runs/demo/phase2/best",
+                    "phase3_checkpoint": "runs/demo/phase3/best",
+                    "bank": "data/sotu_demo_bank.parquet"}
+    assert AppArgs() == AppArgs.model_validate(args)
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ValueError, match="phase2_ckpt"):
+        AppArgs.model_validate({"phase2_ckpt": "x"})
+    with pytest.raises(ValueError, match="canary"):
+        RouterUserConfig.model_validate({"canary": 0.5})
+    with pytest.raises(ValueError):
+        RouterUserConfig.model_validate({"canary_fraction": 2.0})
+    with pytest.raises(ValueError):
+        ModelUserConfig.model_validate({"max_batch_size": 0})
