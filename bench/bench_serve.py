@@ -32,6 +32,8 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, markdown_table, write_section  # noqa: E402
+from lvm_ray.serve.schemas import encode_b64  # noqa: E402
+from lvm_ray.serve.sessions import SessionState  # noqa: E402
 
 LENGTHS = (100, 500, 1000)
 CONCURRENCY = (1, 16)
@@ -93,49 +95,59 @@ def deploy(config: dict, models_uc: dict | None = None) -> None:
 # ----------------------------------------------------------------------------- load
 
 
-def run_http(url: str, body: bytes, conc: int, n: int, port: int) -> dict:
-    """n POSTs of `body` from `conc` threads (one keep-alive client each)."""
+def run_http(url: str, body: bytes, conc: int, n: int, port: int, max_s: float) -> dict:
+    """Up to n POSTs of `body` (at most max_s seconds) from `conc` threads, one keep-alive
+    client each."""
     per = max(1, n // conc)
     headers = {"content-type": "application/json"}
 
     def worker(_):
-        lat, dec = [], []
+        lat, dec, batch = [], [], []
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             c.post(url, content=body, headers=headers)  # warm the connection
-            for _ in range(per):
+            deadline = time.perf_counter() + max_s
+            while len(lat) < per and time.perf_counter() < deadline:
                 t = time.perf_counter()
                 r = c.post(url, content=body, headers=headers)
                 lat.append((time.perf_counter() - t) * 1000)
                 assert r.status_code == 200, (r.status_code, r.text[:300])
-                dec.append(r.json().get("timings_ms", {}).get("decode", 0.0))
-        return lat, dec
+                out = r.json()
+                dec.append(out.get("timings_ms", {}).get("decode", 0.0))
+                if "batch_size" in out:
+                    batch.append(out["batch_size"])
+        return lat, dec, batch
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(conc) as pool:
         outs = list(pool.map(worker, range(conc)))
     wall = time.perf_counter() - t0
     lat = [x for o in outs for x in o[0]]
+    batch = [x for o in outs for x in o[2]]
     return {"lat": lat, "decode": [x for o in outs for x in o[1]],
-            "rps": len(lat) / wall}
+            "batch": float(np.mean(batch)) if batch else "-", "rps": len(lat) / wall}
 
 
-def run_handle(call, conc: int, n: int) -> dict:
+def run_handle(call, conc: int, n: int, max_s: float) -> dict:
     per = max(1, n // conc)
 
     def worker(_):
         call()
-        lat = []
-        for _ in range(per):
+        lat, batch = [], []
+        deadline = time.perf_counter() + max_s
+        while len(lat) < per and time.perf_counter() < deadline:
             t = time.perf_counter()
             out = call()
             lat.append((time.perf_counter() - t) * 1000)
             assert "error" not in out, out
-        return lat
+            batch.append(out["batch_size"])
+        return lat, batch
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(conc) as pool:
-        lat = [x for o in pool.map(worker, range(conc)) for x in o]
-    return {"lat": lat, "rps": len(lat) / (time.perf_counter() - t0)}
+        outs = list(pool.map(worker, range(conc)))
+    lat = [x for o in outs for x in o[0]]
+    return {"lat": lat, "batch": float(np.mean([x for o in outs for x in o[1]])),
+            "rps": len(lat) / (time.perf_counter() - t0)}
 
 
 def time_local(fn, n: int) -> list[float]:
@@ -148,196 +160,310 @@ def time_local(fn, n: int) -> list[float]:
     return out
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, smoke: bool):
+        self.scale = 0.1 if smoke else 1.0
+        self.max_s = 2.0 if smoke else 4.0  # per row: bounds the run on a slow machine
+        self.rows: list[list] = []
+        self.results: dict[tuple, dict] = {}
+        self.forward: dict[tuple, float] = {}
+        self.decode: dict[tuple, float] = {}
+        self.unbatched: dict[tuple, float] = {}
+        self.load = os.getloadavg()
+
+    def n(self, x: int) -> int:
+        return max(16, int(x * self.scale))
+
+    def record(self, scenario: str, path: str, conc: int, res: dict, forward_ms: float = 0.0):
+        p50, p95, p99 = pct(res["lat"])
+        self.results[(scenario, path, conc)] = {"p50": p50, "p95": p95, "p99": p99,
+                                                "rps": res["rps"]}
+        self.rows.append([scenario, path, conc, len(res["lat"]), p50, p95, p99, res["rps"],
+                          res.get("batch", "-"), forward_ms or "-",
+                          p50 / forward_ms if forward_ms else "-"])
+        print(f"  {scenario:<30} {path:<13} c={conc:<3} p50 {p50:8.2f}  p95 {p95:8.2f}  "
+              f"p99 {p99:8.2f} ms  {res['rps']:7.1f} req/s", flush=True)
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        import torch
+
+        from lvm_ray.predictor import Predictor
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+        p2, p3, bank, self.what = assets(self.tmp)
+        self.config = yaml.safe_load((ROOT / "serve_configs/hybrid.yaml").read_text())
+        app = self.config["applications"][0]
+        app["args"] = {"phase2_checkpoint": p2, "phase3_checkpoint": p3, "bank": bank,
+                       "session_key": "bench-session-key-0123456789"}
+        router = next(d for d in app["deployments"] if d["name"] == "Router")
+        router["user_config"].update(canary_fraction=1.0, p95_limit_ms=1e9)
+        self.app_name = app["name"]
+        # The model alone, in this process, one thread (as in a replica of < 1 CPU, where Ray
+        # sets OMP_NUM_THREADS=1).
+        torch.set_num_threads(1)
+        self.local = {"phase2": Predictor.from_paths(p2, bank, device="cpu"),
+                      "phase3": Predictor.from_paths(p3, bank, device="cpu")}
+        ctx = np.random.default_rng(0).standard_normal((1000, self.local["phase2"].dim))
+        self.ctx = (ctx / np.linalg.norm(ctx, axis=1, keepdims=True)).astype(np.float32)
+        self.one = self.ctx[-1:]
+        self.model_of = {L: "phase2" if L <= 500 else "phase3" for L in LENGTHS}
+
+    def start(self) -> None:
+        import ray
+        from ray import serve
+
+        self.port = free_port()
+        self.config["http_options"]["port"] = self.port
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options=self.config["http_options"])
+        deploy(self.config)
+        self.handles = {m: serve.get_deployment_handle(f"Phase{m[-1]}Model", self.app_name)
+                        for m in ("phase2", "phase3")}
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+    def session(self, L: int, port: int | None = None) -> tuple[str, bytes]:
+        """Open a session over L vectors; return its append URL and an append body."""
+        m = self.model_of[L]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port or self.port}", timeout=60) as c:
+            s = c.post("/v1/sessions", json={**encode_b64(self.ctx[:L]), "model": m}).json()
+        return (f"/v1/sessions/{s['session_id']}/append",
+                json.dumps({"state": s["state"], **encode_b64(self.one)}).encode())
+
+    def state(self, L: int):
+        """The SessionState after L vectors, for handle calls."""
+        m = self.model_of[L]
+        _, st = self.local[m].append(self.ctx[:L])
+        fp = self.local[m].meta["sha256"]["model.safetensors"][:16]
+        return SessionState("bench", m, fp, L, time.time(), st.h[:, 0].numpy(),
+                            st.last[0].numpy())
+
+    # ------------------------------------------------------------------ measurements
+
+    def floor(self) -> None:
+        """Serve's floor: the same proxy and router, no model work (and one hop to a model)."""
+        print("floor", flush=True)
+        for conc in CONCURRENCY:
+            for hops in ("router", "model"):
+                res = run_http(f"/v1/noop?hops={hops}", b"{}", conc,
+                               self.n(200 if conc == 1 else 480), self.port, self.max_s)
+                self.record(f"no-op ({hops})", "http", conc, res)
+
+    def full_context(self) -> None:
+        print("full context", flush=True)
+        for L in LENGTHS:
+            m, arr = self.model_of[L], self.ctx[:L]
+            self.forward[("predict", L)] = float(np.median(time_local(
+                lambda: self.local[m].predict(arr), self.n(30))))
+            count = {100: 120, 500: 60, 1000: 40}[L]
+            bodies = {"json": json.dumps({"vectors": arr.tolist()}).encode(),
+                      "binary": json.dumps(encode_b64(arr)).encode()}
+            for fmt, body in bodies.items():
+                for conc in CONCURRENCY:
+                    res = run_http("/v1/predict", body, conc, self.n(count * (1 + (conc > 1))),
+                                   self.port, self.max_s)
+                    self.decode[(fmt, L, conc)] = float(np.median(res["decode"]))
+                    self.record(f"predict {L} ({fmt}, {len(body) // 1024} KiB)", "http", conc,
+                                res, self.forward[("predict", L)])
+            for conc in CONCURRENCY:
+                res = run_handle(lambda: self.handles[m].predict.remote(arr, None, 5, False)
+                                 .result(), conc, self.n(count * (1 + (conc > 1))), self.max_s)
+                self.record(f"predict {L} (array)", "handle", conc, res,
+                            self.forward[("predict", L)])
+
+    def appends(self) -> None:
+        print("session appends: 1 vector after L", flush=True)
+        for L in LENGTHS:
+            m = self.model_of[L]
+            _, st = self.local[m].append(self.ctx[:L])
+            self.forward[("append", L)] = float(np.median(time_local(
+                lambda: self.local[m].append(self.one, st), self.n(200))))
+            url, body = self.session(L)
+            for conc in CONCURRENCY:
+                res = run_http(url, body, conc, self.n(200 if conc == 1 else 480), self.port,
+                               self.max_s)
+                self.record(f"append @{L}", "http", conc, res, self.forward[("append", L)])
+            state = self.state(L)
+            for conc in CONCURRENCY:
+                res = run_handle(lambda: self.handles[m].append.remote(
+                    state, self.one, None, 5, False).result(), conc,
+                    self.n(200 if conc == 1 else 480), self.max_s)
+                self.record(f"append @{L}", "handle", conc, res, self.forward[("append", L)])
+
+    def without_batching(self) -> None:
+        """The concurrency-16 loads again with max_batch_size 1 (a live reconfigure)."""
+        print("unbatched (max_batch_size=1)", flush=True)
+        deploy(self.config, {"max_batch_size": 1})
+        time.sleep(1.0)
+        url, body = self.session(100)
+        res = run_http(url, body, 16, self.n(480), self.port, self.max_s)
+        self.unbatched[("append @100", "http")] = res["rps"]
+        self.record("append @100 UNBATCHED", "http", 16, res, self.forward[("append", 100)])
+        state = self.state(100)
+        res = run_handle(lambda: self.handles["phase2"].append.remote(
+            state, self.one, None, 5, False).result(), 16, self.n(480), self.max_s)
+        self.unbatched[("append @100", "handle")] = res["rps"]
+        self.record("append @100 UNBATCHED", "handle", 16, res, self.forward[("append", 100)])
+        for L in LENGTHS:
+            m, arr = self.model_of[L], self.ctx[:L]
+            res = run_handle(lambda: self.handles[m].predict.remote(arr, None, 5, False).result(),
+                             16, self.n({100: 240, 500: 120, 1000: 80}[L]), self.max_s)
+            self.unbatched[(f"predict {L} (array)", "handle")] = res["rps"]
+            self.record(f"predict {L} (array) UNBATCHED", "handle", 16, res,
+                        self.forward[("predict", L)])
+
+    def model_alone(self) -> dict[str, tuple[float, float]]:
+        """What batching can buy at most: the model alone, 16 requests one by one vs batched."""
+        from lvm_ray.serve.app import append_batch
+
+        p2, p3, ctx, one = self.local["phase2"], self.local["phase3"], self.ctx, self.one
+        st = self.state(100)
+        h, last = st.h, st.last
+        return {
+            "predict 1000": (
+                float(np.median(time_local(lambda: [p3.predict(ctx) for _ in range(16)], 3))),
+                float(np.median(time_local(lambda: p3.predict_batch([ctx] * 16), 3)))),
+            "append @100": (
+                float(np.median(time_local(lambda: [append_batch(p2, [one], [h], [last], 5)
+                                                    for _ in range(16)], self.n(30)))),
+                float(np.median(time_local(lambda: append_batch(p2, [one] * 16, [h] * 16,
+                                                                [last] * 16, 5), self.n(30))))),
+        }
+
+    def throughput_optimized(self) -> None:
+        """Floor and appends again on a fresh Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, through
+        the proxy and through the router's own (direct ingress) port."""
+        print("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", flush=True)
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by the processes Ray starts
+        try:
+            self.start()
+            direct = None
+            for p in range(30000, 30050):  # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT onwards
+                try:
+                    if httpx.get(f"http://127.0.0.1:{p}/healthz", timeout=1).json() == \
+                            {"status": "ok"}:
+                        direct = p
+                        break
+                except (httpx.HTTPError, ValueError):
+                    continue
+            for path, port in (("http TO", self.port), ("direct TO", direct)):
+                if port is None:
+                    continue
+                res = run_http("/v1/noop?hops=model", b"{}", 1, self.n(200), port, self.max_s)
+                self.record("no-op (model)", path, 1, res)
+                for L in (100, 1000):
+                    url, body = self.session(L, port)
+                    res = run_http(url, body, 1, self.n(200), port, self.max_s)
+                    self.record(f"append @{L}", path, 1, res, self.forward[("append", L)])
+        finally:
+            self.stop()
+            del os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
+
+    # ------------------------------------------------------------------ report
+
+    def report(self, alone: dict[str, tuple[float, float]]) -> str:
+        r, fw = self.results, self.forward
+        floor95 = r[("no-op (model)", "http", 1)]["p95"]
+        app95 = {L: r[(f"append @{L}", "http", 1)]["p95"] for L in LENGTHS}
+        app50 = {L: r[(f"append @{L}", "http", 1)]["p50"] for L in LENGTHS}
+        worst = max(app95.values())
+        spread = abs(app50[1000] - app50[100]) / app50[100]
+        json_ms, bin_ms = self.decode[("json", 1000, 1)], self.decode[("binary", 1000, 1)]
+        gains = {k: r[(k[0], k[1], 16)]["rps"] / v for k, v in self.unbatched.items()}
+        to = {p: (r.get(("no-op (model)", p, 1)), r.get(("append @1000", p, 1)))
+              for p in ("http TO", "direct TO")}
+
+        def verdict(ok: bool) -> str:
+            return "**met**" if ok else "**not met**"
+
+        to_text = "; ".join(f"{p}: floor P95 {f['p95']:.1f}, append @1000 P95 {a['p95']:.1f} ms"
+                            for p, (f, a) in to.items() if f and a)
+        goals = [
+            ["session append P95 <= 10 ms end to end, else <= no-op floor P95 + 3 ms",
+             f"worst append P95 {worst:.1f} ms ("
+             + ", ".join(f"@{L}: {app95[L]:.1f}" for L in LENGTHS)
+             + f"); floor P95 (proxy + router + model hop) {floor95:.1f} ms. "
+             + (f"Throughput-optimized Serve: {to_text}" if to_text else ""),
+             verdict(worst <= 10.0 or worst <= floor95 + 3.0)],
+            ["appends at 100 and 1000 within 20% (P50, concurrency 1)",
+             f"{app50[100]:.2f} vs {app50[1000]:.2f} ms ({spread:.0%})", verdict(spread <= 0.2)],
+            ["binary >= 5x cheaper to decode than JSON at 1000 vectors (router decode, median)",
+             f"JSON {json_ms:.1f} ms vs binary {bin_ms:.2f} ms (x{json_ms / max(bin_ms, 1e-9):.0f})",
+             verdict(json_ms >= 5 * bin_ms)],
+            ["batching >= 2x throughput at concurrency 16 (batched vs max_batch_size 1)",
+             ", ".join(f"{k[0]} via {k[1]} x{g:.2f}" for k, g in gains.items())
+             + "; the model alone, 16 requests batched vs one by one: "
+             + ", ".join(f"{k} x{a / b:.2f} ({a:.1f} -> {b:.1f} ms)" for k, (a, b) in alone.items()),
+             verdict(max(gains.values()) >= 2.0)],
+        ]
+        floor_r = r[("no-op (router)", "http", 1)]
+        notes = f"""
+Load: loopback only, closed loop (each of `conc` client threads sends its next request when its
+last one returns), at most {self.max_s:.0f} s per row; percentiles over all requests of a row.
+Models: {self.what}. Config: serve_configs/hybrid.yaml with the router's canary_fraction 1.0 and
+no latency limit, so 100- and 500-vector contexts go to Phase2Model and 1000 to Phase3Model.
+`forward` is the model's own time (Predictor.predict, or Predictor.append from the session's
+state) in the benchmark process, one thread; `ratio` = end-to-end P50 / forward. `batch` = mean
+requests per model forward. HTTP bodies: JSON numbers or base64 float32 (`binary`); appends send
+the state token plus one base64 vector. `handle` rows call the model deployment directly from the
+driver (no proxy, no router). `TO` rows: a second Ray started with
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1, through the proxy (`http TO`) and through the router replica's
+own port (`direct TO`, Serve's direct ingress).
+
+Serve's floor in this run: a no-op through proxy + router is P50 {floor_r['p50']:.1f} / P95
+{floor_r['p95']:.1f} ms; one more hop to a model replica, P95 {floor95:.1f} ms. An append adds
+~{fw[('append', 100)]:.1f} ms of model work to that, whatever the session's length, so where 10 ms
+is missed it is the floor that misses it: on two cores the proxy, the router and the model
+replica are three Python processes taking turns on the CPU. What would lower it: Serve's
+throughput-optimized mode (the TO rows), answering appends without the router hop (a session
+endpoint on the model deployment itself), and more cores. Batching only removes model work:
+at best the `model alone` gain above, and only where the model replica is the bottleneck. Here
+the Serve hops (proxy, router, request handling in each replica, moving 1-2 MB contexts through
+the object store) cost more CPU than an append's forward, so batches stay small (`batch` column)
+and the end-to-end gain is a fraction of the model's own.
+
+Machine load (1-minute load average) at the start and end of the run: {self.load[0]:.1f} /
+{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; other work on the machine shows up as noise
+in every row.
+"""
+        return (markdown_table(["scenario", "path", "conc", "n", "p50 ms", "p95 ms", "p99 ms",
+                                "req/s", "batch", "forward ms", "ratio"], self.rows)
+                + "\n\nGoals (2-core CPU, demo-size model):\n\n"
+                + markdown_table(["goal", "measured", "verdict"], goals) + "\n" + notes)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke-test", action="store_true", help="few requests, no BENCHMARKS.md")
+    ap.add_argument("--skip-throughput-optimized", action="store_true",
+                    help="skip the second Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     args = ap.parse_args()
-    scale = 0.1 if args.smoke_test else 1.0
-
-    def n(x: int) -> int:
-        return max(16, int(x * scale))
-
-    import ray
-    import torch
-    from ray import serve
-
-    from lvm_ray.predictor import Predictor
-    from lvm_ray.serve.schemas import encode_b64
-    from lvm_ray.serve.sessions import SessionState
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
-    p2, p3, bank_path, what = assets(tmp)
-    port = free_port()
-    config = yaml.safe_load((ROOT / "serve_configs/hybrid.yaml").read_text())
-    config["http_options"]["port"] = port
-    app = config["applications"][0]
-    app["args"] = {"phase2_checkpoint": p2, "phase3_checkpoint": p3, "bank": bank_path,
-                   "session_key": "bench-session-key-0123456789"}
-    router = next(d for d in app["deployments"] if d["name"] == "Router")
-    router["user_config"].update(canary_fraction=1.0, p95_limit_ms=1e9)
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options=config["http_options"])
-    deploy(config)
-
-    # The model alone, in this process, one thread (a replica of < 1 CPU gets OMP_NUM_THREADS=1).
-    torch.set_num_threads(1)
-    local = {"phase2": Predictor.from_paths(p2, bank_path, device="cpu"),
-             "phase3": Predictor.from_paths(p3, bank_path, device="cpu")}
-    dim = local["phase2"].dim
-    rng = np.random.default_rng(0)
-    ctx = rng.standard_normal((1000, dim)).astype(np.float32)
-    ctx /= np.linalg.norm(ctx, axis=1, keepdims=True)
-    model_of = {L: "phase2" if L <= 500 else "phase3" for L in LENGTHS}
-    handles = {"phase2": serve.get_deployment_handle("Phase2Model", app["name"]),
-               "phase3": serve.get_deployment_handle("Phase3Model", app["name"])}
-
-    rows, results = [], {}
-
-    def record(scenario, path, conc, res, forward_ms):
-        p50, p95, p99 = pct(res["lat"])
-        results[(scenario, path, conc)] = {"p50": p50, "p95": p95, "p99": p99, "rps": res["rps"]}
-        ratio = p50 / forward_ms if forward_ms else float("nan")
-        rows.append([scenario, path, conc, len(res["lat"]), p50, p95, p99, res["rps"],
-                     forward_ms if forward_ms else "-", ratio if forward_ms else "-"])
-        print(f"  {scenario:<26} {path:<6} c={conc:<3} p50 {p50:8.2f}  p95 {p95:8.2f}  "
-              f"p99 {p99:8.2f} ms  {res['rps']:7.1f} req/s", flush=True)
-
-    # Serve's floor: the same proxy and router, no model work (and one hop to a model replica).
-    print("floor", flush=True)
-    for conc in CONCURRENCY:
-        for hops in ("router", "model"):
-            record(f"no-op ({hops})", "http", conc,
-                   run_http(f"/v1/noop?hops={hops}", b"{}", conc, n(200 if conc == 1 else 480),
-                            port), 0.0)
-
-    print("full context", flush=True)
-    forward, decode = {}, {}
-    for L in LENGTHS:
-        m = model_of[L]
-        forward[("predict", L)] = float(np.median(time_local(lambda: local[m].predict(ctx[:L]),
-                                                             n(30))))
-        bodies = {"json": json.dumps({"vectors": ctx[:L].tolist()}).encode(),
-                  "binary": json.dumps(encode_b64(ctx[:L])).encode()}
-        for fmt, body in bodies.items():
-            for conc in CONCURRENCY:
-                count = n({100: 120, 500: 60, 1000: 40}[L] * (2 if conc == 16 else 1))
-                res = run_http("/v1/predict", body, conc, count, port)
-                decode[(fmt, L, conc)] = float(np.median(res["decode"]))
-                record(f"predict {L} ({fmt}, {len(body) // 1024} KiB)", "http", conc, res,
-                       forward[("predict", L)])
-        for conc in CONCURRENCY:
-            arr = ctx[:L]
-            res = run_handle(lambda: handles[m].predict.remote(arr, None, 5, False).result(),
-                             conc, n({100: 120, 500: 60, 1000: 40}[L] * (2 if conc == 16 else 1)))
-            record(f"predict {L} (array)", "handle", conc, res, forward[("predict", L)])
-
-    print("session appends (1 vector after L)", flush=True)
-    one = ctx[-1:]
-    for L in LENGTHS:
-        m = model_of[L]
-        _, st = local[m].append(ctx[:L])
-        forward[("append", L)] = float(np.median(time_local(lambda: local[m].append(one, st), n(200))))
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-            s = c.post("/v1/sessions", json={**encode_b64(ctx[:L]), "model": m}).json()
-        body = json.dumps({"state": s["state"], **encode_b64(one)}).encode()
-        for conc in CONCURRENCY:
-            res = run_http(f"/v1/sessions/{s['session_id']}/append", body, conc,
-                           n(200 if conc == 1 else 480), port)
-            record(f"append @{L}", "http", conc, res, forward[("append", L)])
-        fp = local[m].meta["sha256"]["model.safetensors"][:16]
-        state = SessionState("bench", m, fp, L, time.time(), st.h[:, 0].numpy(), st.last[0].numpy())
-        for conc in CONCURRENCY:
-            res = run_handle(lambda: handles[m].append.remote(state, one, None, 5, False).result(),
-                             conc, n(200 if conc == 1 else 480))
-            record(f"append @{L}", "handle", conc, res, forward[("append", L)])
-
-    # Batching: the same concurrency-16 loads with max_batch_size 1.
-    print("unbatched (max_batch_size=1)", flush=True)
-    deploy(config, {"max_batch_size": 1})
-    time.sleep(1.0)
-    unbatched = {}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-        s = c.post("/v1/sessions", json={**encode_b64(ctx[:100]), "model": "phase2"}).json()
-    body = json.dumps({"state": s["state"], **encode_b64(one)}).encode()
-    res = run_http(f"/v1/sessions/{s['session_id']}/append", body, 16, n(480), port)
-    unbatched[("append @100", "http")] = res["rps"]
-    record("append @100 UNBATCHED", "http", 16, res, forward[("append", 100)])
-    _, st = local["phase2"].append(ctx[:100])
-    fp = local["phase2"].meta["sha256"]["model.safetensors"][:16]
-    state = SessionState("bench", "phase2", fp, 100, time.time(), st.h[:, 0].numpy(),
-                         st.last[0].numpy())
-    res = run_handle(lambda: handles["phase2"].append.remote(state, one, None, 5, False).result(),
-                     16, n(480))
-    unbatched[("append @100", "handle")] = res["rps"]
-    record("append @100 UNBATCHED", "handle", 16, res, forward[("append", 100)])
-    for L in (500, 1000):
-        arr = ctx[:L]
-        m = model_of[L]
-        res = run_handle(lambda: handles[m].predict.remote(arr, None, 5, False).result(), 16,
-                         n({500: 120, 1000: 80}[L]))
-        unbatched[(f"predict {L} (array)", "handle")] = res["rps"]
-        record(f"predict {L} (array) UNBATCHED", "handle", 16, res, forward[("predict", L)])
-    serve.shutdown()
-    ray.shutdown()
-
-    # ------------------------------------------------------------------ goals
-    floor95 = results[("no-op (model)", "http", 1)]["p95"]
-    app95 = {L: results[(f"append @{L}", "http", 1)]["p95"] for L in LENGTHS}
-    app50 = {L: results[(f"append @{L}", "http", 1)]["p50"] for L in LENGTHS}
-    worst = max(app95.values())
-    g1 = worst <= 10.0 or worst <= floor95 + 3.0
-    spread = abs(app50[1000] - app50[100]) / app50[100]
-    g2 = spread <= 0.20
-    dec_ratio = decode[("json", 1000, 1)] / max(decode[("binary", 1000, 1)], 1e-9)
-    g3 = dec_ratio >= 5.0
-    gains = {k: results[(k[0], k[1], 16)]["rps"] / v for k, v in unbatched.items()}
-    g4 = max(gains.values()) >= 2.0
-
-    def verdict(ok: bool) -> str:
-        return "**met**" if ok else "**not met**"
-
-    gain_text = ", ".join(f"{k[0]} via {k[1]} x{g:.2f}" for k, g in gains.items())
-    goals = [
-        ["session append P95 <= 10 ms end to end (else <= no-op floor P95 + 3 ms)",
-         f"worst append P95 {worst:.1f} ms (by length: "
-         + ", ".join(f"{L}: {app95[L]:.1f}" for L in LENGTHS)
-         + f"); floor P95 (proxy + router + model hop) {floor95:.1f} ms", verdict(g1)],
-        ["appends at 100 and 1000 within 20% (P50, concurrency 1)",
-         f"{app50[100]:.2f} vs {app50[1000]:.2f} ms ({spread:.0%})", verdict(g2)],
-        ["binary >= 5x cheaper to decode than JSON at 1000 vectors (router decode, median)",
-         f"JSON {decode[('json', 1000, 1)]:.1f} ms vs binary {decode[('binary', 1000, 1)]:.2f} ms"
-         f" (x{dec_ratio:.0f})", verdict(g3)],
-        ["batching >= 2x throughput at concurrency 16 (batched / max_batch_size=1)", gain_text,
-         verdict(g4)],
-    ]
-    floor_r = results[("no-op (router)", "http", 1)]
-    notes = f"""
-Load: loopback only, closed loop (each of `conc` client threads sends its next request when the
-last one returns); percentiles over all requests of a row. Models: {what}. Config:
-serve_configs/hybrid.yaml (router user_config canary_fraction 1.0, p95_limit_ms off for the run),
-so 100/500-vector contexts are served by Phase2Model and 1000 by Phase3Model. `forward` is the
-model's own time (Predictor.predict / Predictor.append with its state, this process, 1 thread);
-`ratio` = end-to-end P50 / forward. HTTP payloads: JSON numbers or base64 float32 (`binary`);
-appends send the state token plus one base64 vector. Handle rows call the model deployment
-directly from the driver (no proxy, no router).
-
-Serve's floor here: a no-op through proxy + router is P50 {floor_r['p50']:.1f} / P95
-{floor_r['p95']:.1f} ms; one more hop to a model replica gives the P95 {floor95:.1f} ms above.
-Appends cost the floor plus ~{forward[('append', 100)]:.1f} ms of model work, so when 10 ms is out of reach it is
-the floor that rules it out: on 2 shared cores the proxy, router and model replica are three
-Python processes contending for CPU. What would lower it: Serve's throughput-optimized mode
-(`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: no separate user-code thread and router loop, gRPC between
-proxy and replicas, direct ingress), folding the router into the model deployment for session
-appends (one hop fewer), and more cores so the hops do not queue behind each other.
-"""
-    body = (markdown_table(["scenario", "path", "conc", "n", "p50 ms", "p95 ms", "p99 ms",
-                            "req/s", "forward ms", "ratio"], rows)
-            + "\n\nGoals (2-core CPU, demo-size model):\n\n"
-            + markdown_table(["goal", "measured", "verdict"], goals) + "\n" + notes)
+    t0 = time.perf_counter()
+    b = Bench(args.smoke_test)
+    b.setup()
+    b.start()
+    try:
+        b.floor()
+        b.full_context()
+        b.appends()
+        b.without_batching()
+    finally:
+        b.stop()
+    alone = b.model_alone()
+    if not args.skip_throughput_optimized:
+        b.throughput_optimized()
+    body = b.report(alone)
+    print(f"bench_serve: {time.perf_counter() - t0:.0f} s", flush=True)
     if args.smoke_test:
         print(body)
     else:

@@ -109,7 +109,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ScalingSettings:
     num_workers: int = 2
-    use_gpu: bool = False
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: one GPU per worker if the cluster has them
     cpus_per_worker: float = 1.0
 
 

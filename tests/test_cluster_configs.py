@@ -143,7 +143,7 @@ def test_launcher_dashboard_private_and_token_auth(prepared):
 
 def test_launcher_mounts_shared_storage_on_every_node(prepared):
     assert any(f"{SHARED_MOUNT}:{SHARED_MOUNT}" in o for o in prepared["docker"]["run_options"])
-    assert any(f"mount -t nfs4" in c and SHARED_MOUNT in c
+    assert any("mount -t nfs4" in c and SHARED_MOUNT in c
                for c in prepared["initialization_commands"])
 
 

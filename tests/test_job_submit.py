@@ -209,7 +209,7 @@ def wait_for_job(url: str, submission_id: str, timeout_s: float) -> tuple[str, s
         info = client.get_job_info(submission_id)
         print(f"job {submission_id}: {status} after <= {timeout_s:.0f} s ({info.message})\n"
               f"---- job logs ----\n{logs}")
-    return str(status.value if hasattr(status, "value") else status), logs
+    return status.value, logs
 
 
 def train_actors(url: str) -> list:

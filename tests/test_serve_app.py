@@ -82,13 +82,16 @@ class Service:
         self.args = {"phase2_checkpoint": str(assets["paths"]["phase2"]),
                      "phase3_checkpoint": str(assets["paths"]["phase3"]),
                      "bank": str(assets["bank"]), "session_key": KEY}
+        self.deploys = 0
 
     def deploy(self, router=None, phase2=None, phase3=None, args=None, name=APP, prefix="/"):
         """Apply a config as `serve deploy` does and wait until it is live."""
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
-        router_uc = {**ROUTER, **(router or {})}
+        # A fresh rollout per deploy: no test inherits another's guardrail window or rollback.
+        self.deploys += 1
+        router_uc = {**ROUTER, "rollout_id": f"deploy-{self.deploys}", **(router or {})}
         model_uc = {"phase2": phase2 or {}, "phase3": phase3 or {}}
         app_args = {**self.args, **(args or {})}
         app = {"name": name, "route_prefix": prefix, "import_path": "lvm_ray.serve.app:build_app",
@@ -262,8 +265,8 @@ def test_slow_phase3_rolls_back_and_rearms(svc):
 
 
 def test_failing_phase3_rolls_back_on_error_rate(svc):
-    svc.deploy(router={"canary_fraction": 1.0, "window": 10, "min_samples": 5,
-                       "rollout_id": "errors"}, phase3={"inject_error_rate": 1.0})
+    svc.deploy(router={"canary_fraction": 1.0, "window": 10, "min_samples": 5},
+               phase3={"inject_error_rate": 1.0})
     body = encode_b64(unit(11, 6))
     codes = [svc.predict(**body).status_code for _ in range(5)]
     assert codes == [503] * 5  # a failing model is a 503 with a message, never a hang
@@ -479,14 +482,18 @@ def test_metrics_reach_prometheus(svc):
 
 
 def test_sessions_survive_a_redeploy_but_not_a_checkpoint_change(svc, assets):
-    from ray import serve
-
     s2 = ok(svc.http.post("/v1/sessions", json={**encode_b64(unit(3, 13)), "model": "phase2"}))
     s3 = ok(svc.http.post("/v1/sessions", json={**encode_b64(unit(3, 14)), "model": "phase3"}))
-    serve.delete(APP)
-    # Same key and Phase-2 checkpoint, new Phase-3 checkpoint: everything restarts. (Last of the
-    # module's main tests: the app keeps this config.)
+    before = svc.replicas()
+    # Same key and Phase-2 checkpoint, a new Phase-3 checkpoint: new args rebuild the app and
+    # replace every replica. (Last of the module's main tests: the app keeps this config.)
     svc.deploy(args={"phase3_checkpoint": str(assets["paths"]["phase3b"])})
+    deadline = time.time() + 60
+    while time.time() < deadline and any(a == b for a, b in zip(svc.replicas().values(),
+                                                                 before.values())):
+        time.sleep(0.5)
+    after = svc.replicas()
+    assert all(after[k] != before[k] for k in before), (before, after)
     out = append(svc, s2, **encode_b64(unit(1, 15)), return_vector=True)
     np.testing.assert_allclose(
         out["vector"],

@@ -91,12 +91,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # One intra-op thread per CPU the worker owns: oversubscribed OpenMP threads spin and
     # made the GRU 8x slower on 2 shared cores.
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     run_dir = config["run_dir"]
+    node_id = ray.get_runtime_context().get_node_id()
+    print(f"[lvm] rank {rank}/{world}: pid {os.getpid()} on node {node_id}", flush=True)
     if rank == 0 or config.get("record_pids"):
         # Operators (and the fault-injection test) find the worker processes here.
         write_text(f"{run_dir}/worker_pids/rank{rank}.pid", str(os.getpid()))
+        write_text(f"{run_dir}/worker_pids/rank{rank}.node", node_id)
 
     shard = ray.train.get_dataset_shard("train")
     cache: dict[int, np.ndarray] = {}
@@ -175,6 +178,9 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.scaling.num_workers
     select = f"val_{select_key(cfg.eval.select_metric, cfg.eval.pool_size)}"
     # Windows go to Ray Data as ids only: the vectors stay in the bank, shared once through
     # the object store, so overlapping windows are never copied.
@@ -198,9 +204,9 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                  **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+                                  **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

@@ -402,8 +402,9 @@ def run_sweep(cfg: Config, sweep: SweepConfig, resume: bool = False, overwrite: 
             param_space=search_space(sweep),
             tune_config=tune.TuneConfig(
                 metric=metric, mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
-                search_alg=BasicVariantGenerator(random_state=sweep.seed),
-                max_concurrent_trials=sweep.max_concurrent_trials or None,
+                # max_concurrent_trials is ignored beside a search_alg: the generator limits.
+                search_alg=BasicVariantGenerator(random_state=sweep.seed,
+                                                 max_concurrent=sweep.max_concurrent_trials),
                 trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=sweep_dir.rsplit("/", 1)[0],
@@ -413,14 +414,23 @@ def run_sweep(cfg: Config, sweep: SweepConfig, resume: bool = False, overwrite: 
                 failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)),
         )
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < len(grid):
-        say(f"sweep interrupted: {grid.num_terminated} of {len(grid)} trials finished; "
+    finished = finished_trials(sweep_dir)
+    if finished < n_trials(sweep):
+        say(f"sweep interrupted: {finished} of {n_trials(sweep)} trials finished; "
             f"continue with --resume (same config)")
         return SweepResult(sweep_dir, "interrupted", seconds=time.perf_counter() - t0)
     out = write_outputs(grid, cfg, sweep, bank, sweep_dir)
     out.seconds = time.perf_counter() - t0
     say(f"sweep finished in {out.seconds:.0f} s; results in {sweep_dir}")
     return out
+
+
+def finished_trials(sweep_dir: str) -> int:
+    """Trials that ended (TERMINATED or ERROR) in the saved experiment state. After Ctrl+C the
+    in-memory trials read TERMINATED too, but the state Tune saved (and restores) does not."""
+    from ray.tune import ExperimentAnalysis
+
+    return sum(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(sweep_dir).trials)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -567,8 +577,10 @@ def plot_sweep(rows: list[dict[str, Any]], baselines: dict[str, dict], cfg: Conf
         ctxs = sorted({r["context"] for r in mine})
         means = [100 * np.mean([r[metric] for r in mine if r["context"] == c]) for c in ctxs]
         ax.plot(ctxs, means, marker="o", color=color, label=b)
-        ax.scatter([r["context"] for r in mine], [100 * r[metric] for r in mine], color=color,
-                   alpha=0.35, s=18)
+        for stopped in (False, True):
+            pts = [r for r in mine if (r["ended"] == "asha") == stopped]
+            ax.scatter([r["context"] for r in pts], [100 * r[metric] for r in pts], s=30,
+                       edgecolors=color, facecolors="none" if stopped else color, alpha=0.6)
     styles = {"copy-last": ("k", "--"), "context-mean": ("0.45", ":"), "ridge": ("tab:red", "-.")}
     for name, s in baselines.items():
         color, ls = next((v for p, v in styles.items() if name.startswith(p)), ("0.5", "-"))
@@ -582,7 +594,8 @@ def plot_sweep(rows: list[dict[str, Any]], baselines: dict[str, dict], cfg: Conf
     ax.set_xlabel("context length L (window.context)")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{metric} vs context (val: {first.get('n_windows', '?')} windows, bank "
-                 f"{first.get('bank_size', '?')})", fontsize=10)
+                 f"{first.get('bank_size', '?')}); lines: bucket means, dots: trials at their "
+                 "best epoch, hollow: stopped by ASHA", fontsize=8)
     ax.legend(fontsize=7)
     path_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path_png, dpi=120)
@@ -638,10 +651,9 @@ def write_outputs(grid, cfg: Config, sweep: SweepConfig, bank: ConceptBank,
     if sweep.evaluate_test:
         out.test = evaluate_best_on_test(out.best, cfg, bank, d)
         best_name = next(iter(out.test))
-        best_json["test"] = {k: v for k, v in out.test[best_name].items()
-                             if k.split("_lo")[0].split("_hi")[0] in
-                             ("bank_hit@5", "mrr", "ca", "cosine", "margin", "n_windows",
-                              "bank_size")}
+        keep = [f"{k}{s}" for k in ("bank_hit@5", "mrr", "ca", "cosine", "margin")
+                for s in ("", "_lo", "_hi")] + ["n_windows", "bank_size", "bank_chance@5"]
+        best_json["test"] = {k: out.test[best_name][k] for k in keep if k in out.test[best_name]}
     (d / "best.json").write_text(json.dumps(best_json, indent=2))
     return out
 

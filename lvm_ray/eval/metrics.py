@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import faiss
 import numpy as np
 
 from lvm_ray.config import EvalConfig
@@ -216,6 +215,8 @@ def bank_ranks_for_windows(pred: np.ndarray, bank_vectors: np.ndarray, ws: Windo
 
 def faiss_topk(pred: np.ndarray, bank_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k over the whole bank. Returns scores (M, k), rows (M, k)."""
+    import faiss  # lazy: training workers never need it, and its import logs AVX probing
+
     index = faiss.IndexFlatIP(bank_vectors.shape[1])
     index.add(_f32(bank_vectors))
     scores, ids = index.search(_f32(pred), k)

@@ -33,7 +33,7 @@ import numpy as np
 
 VERSION = "v1"
 KEY_ENV = "LVM_SESSION_KEY"
-# A token for the design's model (4 x 512 state + 768-d last vector) is ~13 kB; anything far
+# A token for the design's model (4 x 512 state + 768-d last vector) is ~15 kB; anything far
 # larger is not ours and is rejected before any decoding work.
 MAX_TOKEN_CHARS = 4 * 1024 * 1024
 

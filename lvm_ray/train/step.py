@@ -378,9 +378,11 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         rt.report(row, ckpt_dir)
         summary = row
         if coll.rank == 0:
-            log.info("epoch %d: loss %.4f val %s %.4f (best %.4f @%d) %.0f windows/s",
-                     epoch, row["train_loss"], select, val[select], stopper.best,
-                     stopper.best_epoch, row["windows_per_s"])
+            # print, not logging: under Ray the worker's stdout is what reaches the driver.
+            print(f"[lvm] epoch {epoch}: loss {row['train_loss']:.4f}  val {select} "
+                  f"{val[select]:.4f}  best {stopper.best:.4f} @{stopper.best_epoch}  "
+                  f"{row['windows_per_s']:.0f} windows/s{'  *saved' if improved else ''}",
+                  flush=True)
     return {"history": history, "best_epoch": stopper.best_epoch,
             f"best_val_{select}": stopper.best, "last": summary,
             "stopped_early": stopper.should_stop}

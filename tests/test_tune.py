@@ -1,0 +1,215 @@
+"""The Ray Tune sweep: config, search space, comparable objective, a tiny sweep whose best trial
+is known by construction, the results table against what trials reported, and resume."""
+
+import csv
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvm_ray.config import ConfigError, load_config
+from lvm_ray.data.windows import make_windows
+from lvm_ray.distributed import tune as sweep_mod
+from lvm_ray.distributed.tune import (alpha_bucket, check_comparable, load_sweep, n_trials,
+                                      objective, parse_sweep, run_sweep)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METRIC = "val_bank_hit@5"
+
+
+def base_config(tmp_path, **train):
+    """Tiny synthetic model; min_context 1 so a context of 1 is allowed."""
+    return load_config(None, ["smoke"], {
+        "window": {"context": 8, "min_context": 1, "stride": 1},
+        "train": {"max_epochs": 3, "patience": 3, "max_train_windows": 1024, **train},
+        "eval": {"bootstrap": 50},
+        "run": {"storage_path": str(tmp_path)},
+    })
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_load_sweep_reads_tune_section_and_overrides(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("train:\n  lr: 0.002\ntune:\n  contexts: [4, 8]\n  search: grid\n"
+                 "  alphas: [0.01, 0.1]\n")
+    cfg, sweep = load_sweep(f, ["smoke"], {"tune": {"num_samples": 2}, "loss": {"alpha": 0.5}})
+    assert cfg.train.lr == 0.002 and cfg.loss.alpha == 0.5 and cfg.model.d_in == 32
+    assert sweep.contexts == (4, 8) and sweep.alphas == (0.01, 0.1) and sweep.num_samples == 2
+    assert n_trials(sweep) == 2 * 2 * 2
+    assert objective(cfg) == "val_bank_hit@5"
+    f.write_text("tune:\n  context: [4]\n")
+    with pytest.raises(ConfigError, match="tune.context"):
+        load_sweep(f)
+    with pytest.raises(ConfigError, match="alpha_range"):
+        parse_sweep({"alpha_range": [0.3, 0.003]})
+
+
+def test_defaults_are_the_issue_space_and_smoke_is_tiny():
+    cfg, sweep = load_sweep()
+    assert sweep.contexts == (100, 250, 500, 1000) and sweep.alpha_range == (0.003, 0.3)
+    assert sweep.search == "random" and sweep.scheduler == "asha"
+    cfg, smoke = load_sweep(smoke=True)
+    assert cfg.corpus.source == "synthetic" and n_trials(smoke) <= 4
+
+
+def test_objective_never_uses_a_trial_dependent_pool():
+    cfg = load_config(None, [], {"eval": {"select_metric": "pool_hit@5", "pool_size": 50}})
+    assert objective(cfg) == "val_pool50_hit@5"  # the fixed pool, not pool_hit@5 over M
+    with pytest.raises(ValueError, match="fixed pool"):
+        objective(load_config(None, [], {"eval": {"select_metric": "pool_hit@5",
+                                                  "pool_size": None}}))
+
+
+def test_val_targets_are_the_same_for_every_context(synthetic_bank, tmp_path):
+    cfg = base_config(tmp_path)
+    sweep = parse_sweep({"contexts": [1, 8, 64]})
+    check_comparable(synthetic_bank, cfg, sweep)
+    targets = [make_windows(synthetic_bank, "val", cfg.window.__class__(context=c, min_context=1))
+               .target_rows for c in (1, 64)]
+    assert np.array_equal(*targets)
+    with pytest.raises(ConfigError, match="min_context"):
+        check_comparable(synthetic_bank, load_config(None, ["smoke"]), sweep)  # min_context 2
+
+
+def test_alpha_buckets_are_log_spaced():
+    s = parse_sweep({"alpha_range": [0.001, 1.0], "alpha_buckets": 3})
+    assert alpha_bucket(0.002, s) == alpha_bucket(0.009, s) != alpha_bucket(0.011, s)
+    assert alpha_bucket(1.0, s) == alpha_bucket(0.5, s)
+    assert alpha_bucket(0.03, parse_sweep({"search": "grid"})) == "alpha=0.03"
+
+
+# ----------------------------------------------------------------------------- with Ray
+
+
+def reported(trial_dir):
+    """What a trial reported to Tune, read back from its own result.json."""
+    lines = (Path(trial_dir) / "result.json").read_text().splitlines()
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def starts(sweep_dir, trial_id):
+    f = Path(sweep_dir) / sweep_mod.STARTS / f"{trial_id}.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines() if json.loads(x)["event"] == "start"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_picks_the_context_that_is_needed(ray_session, synthetic_bank, tmp_path):
+    # The synthetic documents need 2+ lags: a 1-vector context cannot tell which way a document
+    # moves, so context 8 must win by a wide margin.
+    cfg = base_config(tmp_path)
+    sweep = parse_sweep({"name": "pick", "search": "grid", "contexts": [1, 8], "alphas": [0.03], "num_samples": 1,
+                         "grace_period": 3, "max_concurrent_trials": 2})
+    res = run_sweep(cfg, sweep, bank=synthetic_bank)
+    assert res.status == "finished" and len(res.rows) == 2
+    assert res.best["context"] == 8
+    by_ctx = {r["context"]: r for r in res.rows}
+    assert by_ctx[8][METRIC] > by_ctx[1][METRIC] + 0.2
+    assert by_ctx[8][METRIC] > res.baselines["copy-last"]["bank_hit@5"] + 0.1
+
+    d = Path(res.sweep_dir)
+    with open(d / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2
+    for row in table:
+        rep = reported(row["trial_dir"])
+        best = max(rep, key=lambda r: r[METRIC])
+        assert float(row[METRIC]) == pytest.approx(best[METRIC], abs=1e-12)
+        assert float(row["val_ca"]) == pytest.approx(best["val_ca"], abs=1e-12)
+        assert float(row["val_margin"]) == pytest.approx(best["val_margin"], abs=1e-12)
+        assert int(row["epochs_run"]) == len(rep) == rep[-1]["epochs_run"] == 3
+        assert int(row["best_epoch"]) == best["epoch"]
+        assert int(row["starts"]) == 1 and row["ended"] == "max_epochs"
+        # The checkpoint Tune kept is the best epoch's, and it says so itself.
+        meta = json.loads((Path(row["checkpoint"]) / "checkpoint.json").read_text())
+        assert meta["metrics"][METRIC] == pytest.approx(float(row[METRIC]), abs=1e-12)
+        assert meta["config"]["window"]["context"] == int(row["context"])
+    md = (d / "results.md").read_text()
+    assert "copy-last" in md and f"{100 * by_ctx[8][METRIC]:.2f}" in md
+    best_json = json.loads((d / "best.json").read_text())
+    assert best_json["context"] == 8 and best_json["config"]["window"]["context"] == 8
+    assert best_json["checkpoint"] == by_ctx[8]["checkpoint"]
+    assert "bank_hit@5_lo" in best_json["test"]
+    assert (d / "val_hit_vs_context.png").read_bytes()[:8] == PNG_MAGIC
+    report = (d / "test_report.md").read_text()
+    assert "split: test" in report and "copy-last" in report and "95%" in report
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(
+        ray_session, synthetic_bank, tmp_path):
+    cfg = base_config(tmp_path, max_epochs=10, patience=10, max_train_windows=None)
+    sweep = parse_sweep({"name": "resume", "search": "grid", "contexts": [2, 4, 8],
+                         "alphas": [0.03], "num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1,
+                         "evaluate_test": False})
+    sweep_dir = Path(sweep_mod.sweep_dir_of(cfg, sweep))
+    log_dir = sweep_dir / sweep_mod.STARTS
+
+    def interrupt_mid_second_trial():
+        # Ctrl+C equivalent (Tune's handler also takes SIGUSR1) once one trial has ended and
+        # the next has reported a checkpoint.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            logs = [f.read_text() for f in log_dir.glob("*.jsonl")] if log_dir.exists() else []
+            ended = sum('"end"' in t for t in logs)
+            running = [f for f in log_dir.glob("*.jsonl") if '"end"' not in f.read_text()] \
+                if ended == 1 else []
+            if running and any(sweep_dir.glob(f"{running[0].stem}_*/checkpoint_*")):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=interrupt_mid_second_trial, daemon=True)
+    t.start()
+    first = run_sweep(cfg, sweep, bank=synthetic_bank)
+    t.join(timeout=5)
+    assert first.status == "interrupted"
+    done_before = {f.stem for f in log_dir.glob("*.jsonl") if '"end"' in f.read_text()}
+    assert len(done_before) == 1
+    (finished_id,) = done_before
+    finished_dir = next(sweep_dir.glob(f"{finished_id}_*"))
+    finished_results = (finished_dir / "result.json").read_text()
+
+    with pytest.raises(ValueError, match="--resume"):
+        run_sweep(cfg, sweep, bank=synthetic_bank)  # an existing sweep is never silently reused
+    with pytest.raises(ConfigError, match="different config"):
+        run_sweep(base_config(tmp_path, max_epochs=9), sweep, resume=True, bank=synthetic_bank)
+
+    res = run_sweep(cfg, sweep, resume=True, bank=synthetic_bank)
+    assert res.status == "finished" and len(res.rows) == 3
+    rows = {r["trial_id"]: r for r in res.rows}
+    # The finished trial did not run again; the interrupted one continued from its checkpoint.
+    assert len(starts(sweep_dir, finished_id)) == 1 and rows[finished_id]["starts"] == 1
+    assert (finished_dir / "result.json").read_text() == finished_results
+    resumed = [tid for tid in rows if len(starts(sweep_dir, tid)) == 2]
+    assert len(resumed) == 1 and starts(sweep_dir, resumed[0])[1]["resumed"] is True
+    for r in res.rows:
+        assert r["epochs_run"] == 10 and r["ended"] == "max_epochs"
+        assert sorted(x["epoch"] for x in reported(r["trial_dir"]))[-1] == 9
+    assert (sweep_dir / "results.csv").is_file() and (sweep_dir / "best.json").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trial_with_two_ddp_workers_runs_the_ray_train_adapter(
+        ray_session, synthetic_bank, tmp_path):
+    cfg = base_config(tmp_path, max_epochs=2, patience=2)
+    sweep = parse_sweep({"name": "ddp", "search": "grid", "contexts": [8], "alphas": [0.03], "num_samples": 1,
+                         "workers_per_trial": 2, "cpus_per_worker": 0.5, "scheduler": "fifo",
+                         "max_concurrent_trials": 1})
+    res = run_sweep(cfg, sweep, bank=synthetic_bank)
+    assert res.status == "finished"
+    (row,) = res.rows
+    assert row["epochs_run"] == 2 and row["ended"] == "max_epochs"
+    assert row["checkpoint"] and (Path(row["checkpoint"]) / "checkpoint.json").is_file()
+    # Ray Train wrote its checkpoints under the sweep, one run per trial.
+    assert Path(row["checkpoint"]).is_relative_to(Path(res.sweep_dir) / "train")
+    assert (Path(res.sweep_dir) / "test_report.md").is_file()
