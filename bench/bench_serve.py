@@ -102,7 +102,7 @@ def run_http(url: str, body: bytes, conc: int, n: int, port: int, max_s: float) 
     headers = {"content-type": "application/json"}
 
     def worker(_):
-        lat, dec, batch = [], [], []
+        lat, dec, batch, tim = [], [], [], []
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             c.post(url, content=body, headers=headers)  # warm the connection
             deadline = time.perf_counter() + max_s
@@ -115,7 +115,8 @@ def run_http(url: str, body: bytes, conc: int, n: int, port: int, max_s: float) 
                 dec.append(out.get("timings_ms", {}).get("decode", 0.0))
                 if "batch_size" in out:
                     batch.append(out["batch_size"])
-        return lat, dec, batch
+                    tim.append(out["timings_ms"])
+        return lat, dec, batch, tim
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(conc) as pool:
@@ -124,7 +125,18 @@ def run_http(url: str, body: bytes, conc: int, n: int, port: int, max_s: float) 
     lat = [x for o in outs for x in o[0]]
     batch = [x for o in outs for x in o[2]]
     return {"lat": lat, "decode": [x for o in outs for x in o[1]],
-            "batch": float(np.mean(batch)) if batch else "-", "rps": len(lat) / wall}
+            "batch": float(np.mean(batch)) if batch else "-", "rps": len(lat) / wall,
+            "timings": [x for o in outs for x in o[3]]}
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from several runs of the same load (interleaved rounds)."""
+    n = sum(len(p["lat"]) for p in parts)
+    batch = [p["batch"] for p in parts if p.get("batch", "-") != "-"]
+    return {"lat": [x for p in parts for x in p["lat"]],
+            "rps": n / sum(len(p["lat"]) / p["rps"] for p in parts),
+            "batch": float(np.mean(batch)) if batch else "-",
+            "timings": [x for p in parts for x in p.get("timings", [])]}
 
 
 def run_handle(call, conc: int, n: int, max_s: float) -> dict:
@@ -166,13 +178,14 @@ def time_local(fn, n: int) -> list[float]:
 class Bench:
     def __init__(self, smoke: bool):
         self.scale = 0.1 if smoke else 1.0
-        self.max_s = 2.0 if smoke else 4.0  # per row: bounds the run on a slow machine
+        self.max_s = 2.0 if smoke else 3.0  # per row: bounds the run on a slow machine
         self.rows: list[list] = []
         self.results: dict[tuple, dict] = {}
         self.forward: dict[tuple, float] = {}
         self.decode: dict[tuple, float] = {}
         self.unbatched: dict[tuple, float] = {}
         self.load = os.getloadavg()
+        self.breakdown: dict[int, dict] = {}
 
     def n(self, x: int) -> int:
         return max(16, int(x * self.scale))
@@ -283,22 +296,40 @@ class Bench:
 
     def appends(self) -> None:
         print("session appends: 1 vector after L", flush=True)
+        targets = {}
         for L in LENGTHS:
             m = self.model_of[L]
             _, st = self.local[m].append(self.ctx[:L])
             self.forward[("append", L)] = float(np.median(time_local(
                 lambda: self.local[m].append(self.one, st), self.n(200))))
-            url, body = self.session(L)
-            for conc in CONCURRENCY:
-                res = run_http(url, body, conc, self.n(200 if conc == 1 else 480), self.port,
-                               self.max_s)
-                self.record(f"append @{L}", "http", conc, res, self.forward[("append", L)])
-            state = self.state(L)
-            for conc in CONCURRENCY:
-                res = run_handle(lambda: self.handles[m].append.remote(
-                    state, self.one, None, 5, False).result(), conc,
-                    self.n(200 if conc == 1 else 480), self.max_s)
-                self.record(f"append @{L}", "handle", conc, res, self.forward[("append", L)])
+            targets[L] = (m, *self.session(L), self.state(L))
+
+        def via_handle(L):
+            m, _, _, state = targets[L]
+            return lambda: self.handles[m].append.remote(state, self.one, None, 5, False).result()
+
+        # Concurrency 1: the lengths take turns (4 rounds), so drift in the machine's load hits
+        # them alike and the 100-vs-1000 comparison stays fair.
+        parts = {(L, p): [] for L in LENGTHS for p in ("http", "handle")}
+        for _ in range(4):
+            for L in LENGTHS:
+                _, url, body, _ = targets[L]
+                parts[(L, "http")].append(run_http(url, body, 1, self.n(50), self.port,
+                                                   self.max_s / 4))
+                parts[(L, "handle")].append(run_handle(via_handle(L), 1, self.n(50),
+                                                       self.max_s / 4))
+        for L in LENGTHS:
+            for p in ("http", "handle"):
+                res = merge(parts[(L, p)])
+                self.record(f"append @{L}", p, 1, res, self.forward[("append", L)])
+                if p == "http":
+                    self.breakdown[L] = res
+        for L in LENGTHS:
+            _, url, body, _ = targets[L]
+            res = run_http(url, body, 16, self.n(480), self.port, self.max_s)
+            self.record(f"append @{L}", "http", 16, res, self.forward[("append", L)])
+            res = run_handle(via_handle(L), 16, self.n(480), self.max_s)
+            self.record(f"append @{L}", "handle", 16, res, self.forward[("append", L)])
 
     def without_batching(self) -> None:
         """The concurrency-16 loads again with max_batch_size 1 (a live reconfigure)."""
@@ -407,6 +438,19 @@ class Bench:
              verdict(max(gains.values()) >= 2.0)],
         ]
         floor_r = r[("no-op (router)", "http", 1)]
+        split_rows = []
+        for L, res in self.breakdown.items():
+            def med(key):
+                return float(np.median([t[key] for t in res["timings"]]))
+
+            e2e = float(np.median(res["lat"]))
+            split_rows.append([f"append @{L}", e2e, e2e - med("total"),
+                               med("total") - med("model_call"), med("model_call") - med("model"),
+                               med("model")])
+        split = markdown_table(["HTTP, concurrency 1 (P50 ms)", "end to end",
+                                "outside the endpoint (client, proxy, Serve + FastAPI)",
+                                "router endpoint (parse, verify, route, sign)",
+                                "router -> model hop", "model (forward + kNN)"], split_rows)
         notes = f"""
 Load: loopback only, closed loop (each of `conc` client threads sends its next request when its
 last one returns), at most {self.max_s:.0f} s per row; percentiles over all requests of a row.
@@ -439,7 +483,9 @@ in every row.
         return (markdown_table(["scenario", "path", "conc", "n", "p50 ms", "p95 ms", "p99 ms",
                                 "req/s", "batch", "forward ms", "ratio"], self.rows)
                 + "\n\nGoals (2-core CPU, demo-size model):\n\n"
-                + markdown_table(["goal", "measured", "verdict"], goals) + "\n" + notes)
+                + markdown_table(["goal", "measured", "verdict"], goals)
+                + "\n\nWhere an append's time goes (medians of the parts, from the router's "
+                  "`timings_ms`):\n\n" + split + "\n" + notes)
 
 
 def main() -> int:

@@ -100,6 +100,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from lvm_ray.distributed.tune import run_tune
+
+    return int(run_tune(args) or 0)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lvm_ray.demo import run_demo
 
@@ -131,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", default="runs/evaluate", help="report directory")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="sweep context length x InfoNCE alpha with Ray Tune "
+                                    "(objective: val Hit@5)")
+    add_config_args(p)
+    from lvm_ray.distributed.tune import add_tune_args
+
+    add_tune_args(p)
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("demo", help="the main job on the embedded corpus")
     p.add_argument("--quick", action="store_true", help="smaller subset, for a fast look")

@@ -76,8 +76,11 @@ class LossConfig:
     alpha: float = 0.03  # InfoNCE weight
     temperature: float = 0.07
     # "gathered": negatives are the targets of the whole global batch (all workers);
-    # "local": only this worker's micro-batch; "none": InfoNCE off.
-    negatives: Literal["gathered", "local", "none"] = "gathered"
+    # "local": only this worker's micro-batch; "bank": this micro-batch's targets plus
+    # bank_negatives concepts sampled from the training bank, each window's own context masked
+    # out (the evaluation never ranks against it); "none": InfoNCE off.
+    negatives: Literal["gathered", "local", "bank", "none"] = "gathered"
+    bank_negatives: int = 4096
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ class TrainConfig:
     patience: int = 3
     max_train_windows: int | None = None  # subsample per epoch (CPU demos); None = all
     max_eval_windows: int | None = 2000  # cap on val windows evaluated each epoch
+    # "last": one target per window (its next vector); "all_steps": teacher forcing, every
+    # position of the window's context is also a target (~L targets per forward, same windows).
+    objective: Literal["last", "all_steps"] = "last"
     seed: int = 0
     device: str = "auto"
 
@@ -102,6 +108,9 @@ class EvalConfig:
     # Metric used for early stopping, checkpoint selection and Tune: "bank_hit@5" or "pool_hit@5".
     select_metric: str = "bank_hit@5"
     pool_size: int | None = 115  # fixed pool for pool-Hit@K beside the full pool
+    # Per-lane Hit@5 and the canary rule: the bank's own lanes, else this many k-means lanes fit
+    # on the train split (0 = off).
+    lanes: int = 16
     bootstrap: int = 1000
     seed: int = 0
 
@@ -252,6 +261,8 @@ def validate(obj: Any) -> None:
     elif isinstance(obj, LossConfig):
         if obj.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")
+        if obj.bank_negatives < 1:
+            raise ConfigError("loss.bank_negatives must be >= 1")
     elif isinstance(obj, CorpusConfig):
         if obj.sentences_per_chunk < 1 or obj.max_chunk_chars < 1:
             raise ConfigError("corpus.sentences_per_chunk and max_chunk_chars must be >= 1")

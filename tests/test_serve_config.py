@@ -82,6 +82,29 @@ def test_import_path_builds(path):
         assert {d["name"] for d in app.get("deployments", [])} <= names
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_python_deploy_applies_the_same_options(path):
+    """run_config (`lvm serve`) deploys through the Python API: each config block must become
+    the same deployment options there."""
+    from ray.serve._private.build_app import build_app
+
+    from lvm_ray.serve.app import app_from_config
+
+    for app in load(path)["applications"]:
+        built = {d.name: d for d in build_app(app_from_config(app), name=app["name"]).deployments}
+        for dep in app.get("deployments", []):
+            d = built[dep["name"]]
+            if "user_config" in dep:
+                assert d.user_config == dep["user_config"]
+            if "ray_actor_options" in dep:
+                assert d.ray_actor_options["num_cpus"] == dep["ray_actor_options"]["num_cpus"]
+            if "autoscaling_config" in dep:
+                ac = d._deployment_config.autoscaling_config
+                assert ac.max_replicas == dep["autoscaling_config"]["max_replicas"]
+            if "max_ongoing_requests" in dep:
+                assert d.max_ongoing_requests == dep["max_ongoing_requests"]
+
+
 def test_hybrid_defaults_point_at_the_demo():
     args = load(ROOT / "serve_configs" / "hybrid.yaml")["applications"][0]["args"]
     assert args == {"phase2_checkpoint": "runs/demo/phase2/best",
@@ -99,3 +122,28 @@ def test_unknown_keys_are_errors():
         RouterUserConfig.model_validate({"canary_fraction": 2.0})
     with pytest.raises(ValueError):
         ModelUserConfig.model_validate({"max_batch_size": 0})
+
+
+def test_router_user_config_cross_field_rules():
+    with pytest.raises(ValueError, match="min_samples"):
+        RouterUserConfig.model_validate({"window": 5, "min_samples": 10})
+
+
+def test_uri_args_are_fetched_once_into_a_cache(tmp_path):
+    from lvm_ray.serve.app import localize
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "checkpoint.json").write_text("{}")
+    (tmp_path / "bank.parquet").write_bytes(b"PAR1")
+    cache = tmp_path / "cache"
+    local_dir = Path(localize(f"file://{ckpt}", cache=cache))
+    local_file = Path(localize(f"file://{tmp_path / 'bank.parquet'}", cache=cache))
+    assert local_dir.parent.parent == cache and local_dir.name == "ckpt"
+    assert (local_dir / "checkpoint.json").read_text() == "{}"
+    assert local_file.read_bytes() == b"PAR1"
+    (ckpt / "checkpoint.json").write_text("changed")
+    assert localize(f"file://{ckpt}", cache=cache) == str(local_dir)  # cached, not re-copied
+    assert (local_dir / "checkpoint.json").read_text() == "{}"
+    assert localize(f"file://{ckpt}") == str(ckpt)  # file:// without a cache: in place
+    assert localize("relative/x") == str(Path("relative/x").resolve())

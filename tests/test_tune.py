@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvm_ray.config import ConfigError, load_config
+from lvm_ray.config import ConfigError, WindowConfig, load_config
 from lvm_ray.data.windows import make_windows
 from lvm_ray.distributed import tune as sweep_mod
 from lvm_ray.distributed.tune import (alpha_bucket, check_comparable, load_sweep, n_trials,
-                                      objective, parse_sweep, run_sweep)
+                                      objective_metric, parse_sweep, run_sweep)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC = "val_bank_hit@5"
@@ -43,7 +43,7 @@ def test_load_sweep_reads_tune_section_and_overrides(tmp_path):
     assert cfg.train.lr == 0.002 and cfg.loss.alpha == 0.5 and cfg.model.d_in == 32
     assert sweep.contexts == (4, 8) and sweep.alphas == (0.01, 0.1) and sweep.num_samples == 2
     assert n_trials(sweep) == 2 * 2 * 2
-    assert objective(cfg) == "val_bank_hit@5"
+    assert objective_metric(cfg) == "val_bank_hit@5"
     f.write_text("tune:\n  context: [4]\n")
     with pytest.raises(ConfigError, match="tune.context"):
         load_sweep(f)
@@ -61,17 +61,17 @@ def test_defaults_are_the_issue_space_and_smoke_is_tiny():
 
 def test_objective_never_uses_a_trial_dependent_pool():
     cfg = load_config(None, [], {"eval": {"select_metric": "pool_hit@5", "pool_size": 50}})
-    assert objective(cfg) == "val_pool50_hit@5"  # the fixed pool, not pool_hit@5 over M
+    assert objective_metric(cfg) == "val_pool50_hit@5"  # the fixed pool, never pool_hit@5 of M
     with pytest.raises(ValueError, match="fixed pool"):
-        objective(load_config(None, [], {"eval": {"select_metric": "pool_hit@5",
-                                                  "pool_size": None}}))
+        objective_metric(load_config(None, [], {"eval": {"select_metric": "pool_hit@5",
+                                                         "pool_size": None}}))
 
 
 def test_val_targets_are_the_same_for_every_context(synthetic_bank, tmp_path):
     cfg = base_config(tmp_path)
     sweep = parse_sweep({"contexts": [1, 8, 64]})
     check_comparable(synthetic_bank, cfg, sweep)
-    targets = [make_windows(synthetic_bank, "val", cfg.window.__class__(context=c, min_context=1))
+    targets = [make_windows(synthetic_bank, "val", WindowConfig(context=c, min_context=1))
                .target_rows for c in (1, 64)]
     assert np.array_equal(*targets)
     with pytest.raises(ConfigError, match="min_context"):
@@ -105,8 +105,8 @@ def test_sweep_picks_the_context_that_is_needed(ray_session, synthetic_bank, tmp
     # The synthetic documents need 2+ lags: a 1-vector context cannot tell which way a document
     # moves, so context 8 must win by a wide margin.
     cfg = base_config(tmp_path)
-    sweep = parse_sweep({"name": "pick", "search": "grid", "contexts": [1, 8], "alphas": [0.03], "num_samples": 1,
-                         "grace_period": 3, "max_concurrent_trials": 2})
+    sweep = parse_sweep({"name": "pick", "search": "grid", "contexts": [1, 8], "alphas": [0.03],
+                         "num_samples": 1, "grace_period": 3, "max_concurrent_trials": 2})
     res = run_sweep(cfg, sweep, bank=synthetic_bank)
     assert res.status == "finished" and len(res.rows) == 2
     assert res.best["context"] == 8
@@ -146,25 +146,26 @@ def test_sweep_picks_the_context_that_is_needed(ray_session, synthetic_bank, tmp
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(
         ray_session, synthetic_bank, tmp_path):
-    cfg = base_config(tmp_path, max_epochs=10, patience=10, max_train_windows=None)
+    cfg = base_config(tmp_path, max_epochs=10, patience=10)
     sweep = parse_sweep({"name": "resume", "search": "grid", "contexts": [2, 4, 8],
-                         "alphas": [0.03], "num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1,
-                         "evaluate_test": False})
+                         "alphas": [0.03], "num_samples": 1, "scheduler": "fifo",
+                         "max_concurrent_trials": 1, "evaluate_test": False})
     sweep_dir = Path(sweep_mod.sweep_dir_of(cfg, sweep))
     log_dir = sweep_dir / sweep_mod.STARTS
 
     def interrupt_mid_second_trial():
         # Ctrl+C equivalent (Tune's handler also takes SIGUSR1) once one trial has ended and
-        # the next has reported a checkpoint.
+        # the driver has recorded two epochs (the first one checkpointed) of the next.
         deadline = time.time() + 120
         while time.time() < deadline:
-            logs = [f.read_text() for f in log_dir.glob("*.jsonl")] if log_dir.exists() else []
-            ended = sum('"end"' in t for t in logs)
-            running = [f for f in log_dir.glob("*.jsonl") if '"end"' not in f.read_text()] \
-                if ended == 1 else []
-            if running and any(sweep_dir.glob(f"{running[0].stem}_*/checkpoint_*")):
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
+            logs = list(log_dir.glob("*.jsonl")) if log_dir.exists() else []
+            ended = [f for f in logs if '"end"' in f.read_text()]
+            running = [f for f in logs if f not in ended]
+            if len(ended) == 1 and running:
+                results = list(sweep_dir.glob(f"{running[0].stem}_*/result.json"))
+                if results and len(results[0].read_text().splitlines()) >= 2:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    return
             time.sleep(0.05)
 
     t = threading.Thread(target=interrupt_mid_second_trial, daemon=True)
@@ -202,9 +203,9 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(
 def test_trial_with_two_ddp_workers_runs_the_ray_train_adapter(
         ray_session, synthetic_bank, tmp_path):
     cfg = base_config(tmp_path, max_epochs=2, patience=2)
-    sweep = parse_sweep({"name": "ddp", "search": "grid", "contexts": [8], "alphas": [0.03], "num_samples": 1,
-                         "workers_per_trial": 2, "cpus_per_worker": 0.5, "scheduler": "fifo",
-                         "max_concurrent_trials": 1})
+    sweep = parse_sweep({"name": "ddp", "search": "grid", "contexts": [8], "alphas": [0.03],
+                         "num_samples": 1, "workers_per_trial": 2, "cpus_per_worker": 0.5,
+                         "scheduler": "fifo", "max_concurrent_trials": 1})
     res = run_sweep(cfg, sweep, bank=synthetic_bank)
     assert res.status == "finished"
     (row,) = res.rows

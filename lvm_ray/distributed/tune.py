@@ -4,14 +4,15 @@ The driver loads the bank once, puts it in the object store and hands it to ever
 `tune.with_parameters`. A trial cuts its own windows for its context length (vectorised, cheap)
 and runs the core `fit` loop, the same as `jobs/train.py`:
 
-- one worker per trial: `fit` runs in the function trainable; its `report(row, ckpt_dir)` becomes
-  `tune.report(metrics, checkpoint=...)`, and a resumed trial continues from `tune.get_checkpoint()`;
+- one worker per trial: `fit` runs in the function trainable; its `report(row, ckpt_dir)`
+  becomes `tune.report(metrics, checkpoint=...)`; a resumed trial continues from
+  `tune.get_checkpoint()`;
 - several workers per trial: the trial runs a TorchTrainer over `train_loop_per_worker` (the Ray
   Train adapter) and forwards its reports to Tune with TuneReportCallback.
 
-The objective is the val selection metric of ../shared/EVAL_PROTOCOL.md (bank-Hit@5 by default, or
-pool-Hit@5 over a FIXED pool): under the `document` window policy every context length has the same
-val targets, so trials with different contexts are scored on the same windows. ASHA stops weak
+The objective is the val selection metric of ../shared/EVAL_PROTOCOL.md (bank-Hit@5 by default,
+or pool-Hit@5 over a FIXED pool): under the `document` window policy every context length has the
+same val targets, so trials with different contexts are scored on the same windows. ASHA stops weak
 trials on epochs. After the sweep, the sweep directory holds results.csv / results.md (one row per
 trial), val_hit_vs_context.png (with copy-last and context-mean on the same val windows),
 best.json and test_report.md (the best trial on test, beside the baselines, with 95% CIs).
@@ -153,7 +154,7 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
                         "loss": {"alpha": float(params["alpha"])}})
 
 
-def objective(cfg: Config) -> str:
+def objective_metric(cfg: Config) -> str:
     """The reported metric Tune maximises: never a pool whose size depends on the trial."""
     return f"val_{select_key(cfg.eval.select_metric, cfg.eval.pool_size)}"
 
@@ -286,7 +287,7 @@ def _fit_with_ray_train(cfg: Config, bank_ref, train_ws, val_ws, sweep: SweepCon
 
     from lvm_ray.distributed.trainer import train_loop_per_worker
 
-    metric = objective(cfg)
+    metric = objective_metric(cfg)
     use_gpu = sweep.gpus_per_worker > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -342,11 +343,23 @@ def sweep_dir_of(cfg: Config, s: SweepConfig) -> str:
     return f"{storage.rstrip('/')}/{s.name}"
 
 
-def _config_diff(a: Any, b: Any, path: str = "") -> list[str]:
+_ABSENT = object()
+
+
+def _config_diff(a: Any, b: Any, path: str = "") -> tuple[list[str], list[str]]:
+    """(changed values, keys that the saved config `a` lacks: fields added to the code since)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b))
-                for d in _config_diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
-    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+        changed, added = [], []
+        for k in sorted(set(a) | set(b)):
+            c, n = _config_diff(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{path}.{k}" if path else k)
+            changed += c
+            added += n
+        return changed, added
+    if a is _ABSENT:
+        return [], [f"{path}={b!r}"]
+    if b is _ABSENT:
+        return [f"{path}: {a!r} -> (no longer a config key)"], []
+    return ([] if a == b else [f"{path}: {a!r} -> {b!r}"]), []
 
 
 def run_sweep(cfg: Config, sweep: SweepConfig, resume: bool = False, overwrite: bool = False,
@@ -360,29 +373,34 @@ def run_sweep(cfg: Config, sweep: SweepConfig, resume: bool = False, overwrite: 
     from lvm_ray.workflows import ensure_bank, say
 
     t0 = time.perf_counter()
+    # num_to_keep=1 makes Tune snapshot its state at every checkpoint (a few ms here) and warn.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     sweep_dir = sweep_dir_of(cfg, sweep)
     local = "://" not in sweep_dir
-    state = {"config": to_dict(cfg), "tune": to_dict(sweep)}
-    if resume:
-        if not tune.Tuner.can_restore(sweep_dir):
-            raise ValueError(f"--resume: no sweep to restore at {sweep_dir}")
-        if local and (Path(sweep_dir) / SWEEP_STATE).is_file():
-            diff = _config_diff(json.loads((Path(sweep_dir) / SWEEP_STATE).read_text()), state)
-            if diff:
-                raise ConfigError("--resume with a different config than the sweep started "
-                                  "with: " + "; ".join(diff[:8]))
-    elif local and Path(sweep_dir).exists():
-        if not overwrite:
-            raise ValueError(f"sweep directory {sweep_dir} exists: pass --resume to continue "
-                             "it, --overwrite to start over, or another tune.name")
-        shutil.rmtree(sweep_dir)
+    if resume and not tune.Tuner.can_restore(sweep_dir):
+        raise ValueError(f"--resume: no sweep to restore at {sweep_dir}")
+    if not resume and local and Path(sweep_dir).exists() and not overwrite:
+        raise ValueError(f"sweep directory {sweep_dir} exists: pass --resume to continue it, "
+                         "--overwrite to start over, or another tune.name")
+    bank = bank if bank is not None else ensure_bank(cfg)
+    # What the sweep started with: --resume refuses other values, or another bank.
+    state = {"config": to_dict(cfg), "tune": to_dict(sweep), "data": bank.identity()}
+    saved = Path(sweep_dir) / SWEEP_STATE
+    if resume and local and saved.is_file():
+        changed, added = _config_diff(json.loads(saved.read_text()), state)
+        if changed:
+            raise ConfigError("--resume with a different config or bank than the sweep started "
+                              "with: " + "; ".join(changed[:8]))
+        if added:
+            say("config keys added since the sweep started (defaults used): " + ", ".join(added))
+    if not resume and local and Path(sweep_dir).exists():
+        shutil.rmtree(sweep_dir)  # --overwrite
     if local:
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        (Path(sweep_dir) / SWEEP_STATE).write_text(json.dumps(state, indent=2))
+        saved.write_text(json.dumps(state, indent=2))
 
-    bank = bank if bank is not None else ensure_bank(cfg)
     check_comparable(bank, cfg, sweep)
-    metric = objective(cfg)
+    metric = objective_metric(cfg)
     shared = {"bank": ray.put(bank), "base": to_dict(cfg), "sweep": to_dict(sweep),
               "sweep_dir": sweep_dir}
     trainable = tune.with_resources(tune.with_parameters(lvm_trial, shared=shared),
@@ -455,7 +473,7 @@ def _checkpoint_path(result, best_row: dict[str, Any] | None) -> str | None:
 def trial_rows(grid, cfg: Config, sweep: SweepConfig, sweep_dir: str) -> list[dict[str, Any]]:
     """One row per trial, read back from what each trial reported: its best epoch by the
     objective (the epoch whose checkpoint Tune kept), and how its training ended."""
-    metric = objective(cfg)
+    metric = objective_metric(cfg)
     rows = []
     for result in grid:
         df = result.metrics_dataframe
@@ -522,7 +540,7 @@ def _fmt(v: Any) -> str:
 
 def write_tables(rows: list[dict[str, Any]], baselines: dict[str, dict], cfg: Config,
                  sweep_dir: Path) -> None:
-    metric = objective(cfg)
+    metric = objective_metric(cfg)
     cols = list(rows[0]) if rows else []
     with open(sweep_dir / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
@@ -564,7 +582,7 @@ def plot_sweep(rows: list[dict[str, Any]], baselines: dict[str, dict], cfg: Conf
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metric = objective(cfg)
+    metric = objective_metric(cfg)
     key = metric[len("val_"):]
     fig = Figure(figsize=(7, 4.5), layout="tight")
     FigureCanvasAgg(fig)
@@ -576,7 +594,7 @@ def plot_sweep(rows: list[dict[str, Any]], baselines: dict[str, dict], cfg: Conf
         color = f"C{i}"
         ctxs = sorted({r["context"] for r in mine})
         means = [100 * np.mean([r[metric] for r in mine if r["context"] == c]) for c in ctxs]
-        ax.plot(ctxs, means, marker="o", color=color, label=b)
+        ax.plot(ctxs, means, color=color, label=b)
         for stopped in (False, True):
             pts = [r for r in mine if (r["ended"] == "asha") == stopped]
             ax.scatter([r["context"] for r in pts], [100 * r[metric] for r in pts], s=30,
@@ -594,8 +612,8 @@ def plot_sweep(rows: list[dict[str, Any]], baselines: dict[str, dict], cfg: Conf
     ax.set_xlabel("context length L (window.context)")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{metric} vs context (val: {first.get('n_windows', '?')} windows, bank "
-                 f"{first.get('bank_size', '?')}); lines: bucket means, dots: trials at their "
-                 "best epoch, hollow: stopped by ASHA", fontsize=8)
+                 f"{first.get('bank_size', '?')})\nlines: mean per alpha bucket; dots: trials at "
+                 "their best epoch (hollow: stopped by ASHA)", fontsize=9)
     ax.legend(fontsize=7)
     path_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path_png, dpi=120)
@@ -615,8 +633,9 @@ def evaluate_best_on_test(best: dict[str, Any], cfg: Config, bank: ConceptBank,
     ws = prepare_windows(tcfg, bank)
     name = f"best trial {best['trial_id']} (L={best['context']}, alpha={best['alpha']:.3g})"
     results = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, ws.test, tcfg)
+    metric = objective_metric(cfg)
     meta = {"split": "test", "checkpoint": best["checkpoint"], "epoch": ck.meta.get("epoch"),
-            "selected by": f"{objective(cfg)} = {100 * best[objective(cfg)]:.2f}% on val",
+            "selected by": f"{metric} = {100 * best[metric]:.2f}% on val",
             "window": f"{tcfg.window.policy}, L={tcfg.window.context}",
             "encoder": bank.meta.get("encoder"), "n_parameters": ck.meta.get("n_parameters")}
     md = markdown_report(results, "Best sweep trial on test", meta)
@@ -631,7 +650,7 @@ def write_outputs(grid, cfg: Config, sweep: SweepConfig, bank: ConceptBank,
                   sweep_dir: str) -> SweepResult:
     from lvm_ray.workflows import say
 
-    metric = objective(cfg)
+    metric = objective_metric(cfg)
     rows = trial_rows(grid, cfg, sweep, sweep_dir)
     out = SweepResult(sweep_dir, "finished", rows)
     if "://" in sweep_dir:
@@ -645,7 +664,7 @@ def write_outputs(grid, cfg: Config, sweep: SweepConfig, bank: ConceptBank,
     if not scored:
         say("no trial reported a checkpoint; see results.md")
         return out
-    out.best = max(scored, key=lambda r: r[metric])
+    out.best = max(scored, key=lambda r: r[metric])  # ties: the shorter context (rows sorted)
     best_json = {"objective": metric, "mode": "max", **out.best,
                  "config": to_dict(trial_config(cfg, out.best))}
     if sweep.evaluate_test:
@@ -695,7 +714,7 @@ def run_tune(args) -> int:
         return 3
     print((Path(res.sweep_dir) / "results.md").read_text())
     if res.best is not None:
-        metric = objective(cfg)
+        metric = objective_metric(cfg)
         print(f"best: trial {res.best['trial_id']} context={res.best['context']} "
               f"alpha={res.best['alpha']:.4g} {metric}={100 * res.best[metric]:.2f}%\n"
               f"checkpoint: {res.best['checkpoint']}")

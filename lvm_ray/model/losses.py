@@ -3,7 +3,9 @@
     loss = w_mse * MSE(pred, target) + w_cos * mean(1 - cos(pred, target)) + alpha * InfoNCE
 
 MSE and cosine pull the prediction onto its target; InfoNCE also pushes it away from the other
-targets in the batch, which is what nearest-neighbour retrieval (Hit@K) rewards.
+targets in the batch (and, with `bank` negatives, from concepts sampled from the training bank),
+which is what nearest-neighbour retrieval (Hit@K) rewards. A mask removes candidates that the
+evaluation never ranks against a window: its own context and duplicates of its target.
 """
 
 from __future__ import annotations
@@ -23,16 +25,22 @@ def _check_pair(pred: Tensor, target: Tensor) -> None:
 
 
 def info_nce(
-    pred: Tensor, target: Tensor, temperature: float, extra_negatives: Tensor | None = None
+    pred: Tensor,
+    target: Tensor,
+    temperature: float,
+    extra_negatives: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy of picking row i's own target among all candidates, by cosine / temperature.
 
     candidates = [target ; extra_negatives], so row i's positive is column i; the other targets of
     the batch and every extra negative are its negatives. Extra negatives carry no gradient.
+    mask (B, B+K) bool, True = not a candidate for that row (its diagonal must be False).
     """
     _check_pair(pred, target)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    B = pred.shape[0]
     candidates = target  # (B, D)
     if extra_negatives is not None:
         D = pred.shape[1]
@@ -40,22 +48,36 @@ def info_nce(
             raise ValueError(f"extra_negatives must be (K, {D}), got {tuple(extra_negatives.shape)}")
         candidates = torch.cat([target, extra_negatives.detach().to(target.dtype)], dim=0)  # (B+K, D)
     logits = F.normalize(pred, dim=-1) @ F.normalize(candidates, dim=-1).T / temperature  # (B, B+K)
-    labels = torch.arange(pred.shape[0], device=pred.device)
+    if mask is not None:
+        if tuple(mask.shape) != tuple(logits.shape) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool {tuple(logits.shape)}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+        if bool(mask.diagonal().any()):
+            raise ValueError("mask must not remove a row's own positive (its diagonal)")
+        logits = logits.masked_fill(mask, float("-inf"))
+    labels = torch.arange(B, device=pred.device)
     return F.cross_entropy(logits, labels)
 
 
 def lvm_loss(
-    pred: Tensor, target: Tensor, cfg: LossConfig, extra_negatives: Tensor | None = None
+    pred: Tensor,
+    target: Tensor,
+    cfg: LossConfig,
+    extra_negatives: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """pred, target (B, D); extra_negatives (K, D) from other workers -> (scalar loss, components)."""
+    """pred, target (B, D); extra_negatives (K, D): other workers' targets (`gathered`) or bank
+    samples (`bank`); mask (B, B+K) or (B, B) as in info_nce -> (scalar loss, components)."""
     _check_pair(pred, target)
     mse = F.mse_loss(pred, target)
     cos = (1.0 - F.cosine_similarity(pred, target, dim=-1)).mean()
     loss = cfg.w_mse * mse + cfg.w_cos * cos
     nce_value = 0.0
     if cfg.negatives != "none" and cfg.alpha != 0:
-        negatives = extra_negatives if cfg.negatives == "gathered" else None
-        nce = info_nce(pred, target, cfg.temperature, negatives)
+        negatives = extra_negatives if cfg.negatives in ("gathered", "bank") else None
+        if negatives is None and mask is not None:
+            mask = mask[:, : pred.shape[0]]
+        nce = info_nce(pred, target, cfg.temperature, negatives, mask)
         loss = loss + cfg.alpha * nce
         nce_value = float(nce.detach())
     parts = {

@@ -7,6 +7,11 @@ one new vector at a time at O(1) cost in the context length and still match the 
     pred, state = model(context)                 # (B, D), RecurrentState
     pred, state = model(next_vectors, state)     # continue the same sequences
     pred, state = model.step(x, state)           # one vector (B, D)
+    preds, state = model(context, all_steps=True)  # (B, T, D): a prediction after every step
+
+`all_steps` is for training: one pass over a sequence scores every position as a target (teacher
+forcing), instead of one target per full forward; the prediction at step t equals what a window
+ending at t would get from the plain call.
 """
 
 from __future__ import annotations
@@ -78,6 +83,15 @@ def _check_inputs(
     return lengths
 
 
+def _run_gru_all(
+    norm: nn.LayerNorm, gru: nn.GRU, context: Tensor, state: RecurrentState | None
+) -> tuple[Tensor, RecurrentState]:
+    """Top-layer output after every step (B, T, H) and the state after the last step. The GRU is
+    causal, so right padding only changes outputs past each row's length (callers mask them)."""
+    out, h = gru(norm(context), None if state is None else state.h)  # (B, T, H), (layers, B, H)
+    return out, RecurrentState(h, context[:, -1])
+
+
 def _run_gru(
     norm: nn.LayerNorm,
     gru: nn.GRU,
@@ -112,7 +126,7 @@ def _make_head(cfg: ModelConfig) -> nn.Sequential:
 
 
 def _predict(cfg: ModelConfig, head_out: Tensor, last: Tensor) -> Tensor:
-    """(B, D) head output -> (B, D) unit prediction."""
+    """(..., D) head output -> (..., D) unit prediction."""
     if cfg.delta:
         # Predict a change from the last vector: "copy the last" is free, the model learns the rest.
         return F.normalize(last + head_out, dim=-1)
@@ -151,29 +165,34 @@ class MemoryGRU(nn.Module):
         return self.log_temp.exp().clamp(_TEMP_MIN, _TEMP_MAX)
 
     def read_memory(self, h_top: Tensor) -> Tensor:
-        """(B, H) top-layer state -> (B, H) attention-weighted mix of the memory values."""
-        q = F.normalize(self.query(h_top), dim=-1)  # (B, H)
+        """(..., H) top-layer state -> (..., H) attention-weighted mix of the memory values."""
+        q = F.normalize(self.query(h_top), dim=-1)  # (..., H)
         k = F.normalize(self.mem_keys, dim=-1)  # (S, H)
-        attn = torch.softmax(q @ k.T / self.temperature(), dim=-1)  # (B, S)
-        return attn @ self.mem_values  # (B, H)
+        attn = torch.softmax(q @ k.T / self.temperature(), dim=-1)  # (..., S)
+        return attn @ self.mem_values  # (..., H)
+
+    def _out(self, h_top: Tensor, last: Tensor) -> Tensor:
+        """(..., H) top-layer state, (..., D) last input -> (..., D) unit prediction."""
+        z = torch.cat([h_top, self.read_memory(h_top)], dim=-1) if self.cfg.slots > 0 else h_top
+        z = self.drop(F.gelu(self.fuse(z)))  # (..., H)
+        return _predict(self.cfg, self.head(z), last)
 
     def forward(
         self,
         context: Tensor,
         state: RecurrentState | None = None,
         lengths: Tensor | None = None,
+        all_steps: bool = False,
     ) -> tuple[Tensor, RecurrentState]:
-        """context (B, T, D) right-padded, lengths (B,) or None -> prediction (B, D), state."""
+        """context (B, T, D) right-padded, lengths (B,) or None -> prediction (B, D), state.
+        all_steps: predictions after every step (B, T, D) instead; the state is then the one
+        after step T (padding included), so continue only from unpadded calls."""
         lengths = _check_inputs(self.cfg, context, state, lengths)
+        if all_steps:
+            out, state = _run_gru_all(self.in_norm, self.gru, context, state)
+            return self._out(out, context), state  # (B, T, D)
         state = _run_gru(self.in_norm, self.gru, context, state, lengths)
-        h_top = state.h[-1]  # (B, H)
-        if self.cfg.slots > 0:
-            z = torch.cat([h_top, self.read_memory(h_top)], dim=-1)  # (B, 2H)
-        else:
-            z = h_top
-        z = self.drop(F.gelu(self.fuse(z)))  # (B, H)
-        pred = _predict(self.cfg, self.head(z), state.last)  # (B, D)
-        return pred, state
+        return self._out(state.h[-1], state.last), state  # (B, D)
 
     def step(self, x: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
         """One new vector x (B, D) -> prediction (B, D), state."""
@@ -199,9 +218,14 @@ class GRUModel(nn.Module):
         context: Tensor,
         state: RecurrentState | None = None,
         lengths: Tensor | None = None,
+        all_steps: bool = False,
     ) -> tuple[Tensor, RecurrentState]:
-        """context (B, T, D) right-padded, lengths (B,) or None -> prediction (B, D), state."""
+        """context (B, T, D) right-padded, lengths (B,) or None -> prediction (B, D), state.
+        all_steps: predictions after every step (B, T, D), as in MemoryGRU.forward."""
         lengths = _check_inputs(self.cfg, context, state, lengths)
+        if all_steps:
+            out, state = _run_gru_all(self.in_norm, self.gru, context, state)
+            return _predict(self.cfg, self.head(self.drop(out)), context), state  # (B, T, D)
         state = _run_gru(self.in_norm, self.gru, context, state, lengths)
         pred = _predict(self.cfg, self.head(self.drop(state.h[-1])), state.last)  # (B, D)
         return pred, state

@@ -9,9 +9,9 @@
     serve run lvm_ray.serve.app:build_app phase2_checkpoint=... phase3_checkpoint=... bank=...
 
 The deployments translate; the math lives in lvm_ray.predictor, the routing policy in
-lvm_ray.serve.routing and the session tokens in lvm_ray.serve.sessions (both Ray-free).
+lvm_ray.serve.routing, the session tokens in lvm_ray.serve.sessions and the request checks in
+lvm_ray.serve.schemas (all three Ray-free).
 """
-
 
 import asyncio
 import hashlib
@@ -19,15 +19,16 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -58,7 +59,11 @@ from lvm_ray.serve.sessions import (
     resolve_key,
 )
 
+if TYPE_CHECKING:
+    from lvm_ray.predictor import Predictor
+
 DEPLOYMENT_NAMES = {PHASE2: "Phase2Model", PHASE3: "Phase3Model"}
+INLINE_VECTORS = 64  # batches of at most this many vectors skip the thread hand-off
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -112,29 +117,41 @@ class RouterUserConfig(BaseModel):
     def routing(self) -> RoutingConfig:
         return RoutingConfig(**self.model_dump(include=set(RoutingConfig.__dataclass_fields__)))
 
+    @model_validator(mode="after")
+    def _check_routing(self) -> "RouterUserConfig":
+        self.routing()  # cross-field rules (min_samples <= window) live in RoutingConfig
+        return self
 
-def localize(uri: str) -> str:
-    """A local path for a path or URI (file://, s3://, gs://, ... through pyarrow.fs); remote
-    files are copied once into a per-URI cache directory."""
+
+def localize(uri: str, cache: Path | None = None) -> str:
+    """A local path for a path or URI. file:// and plain paths are used in place; other URIs
+    (s3://, gs://, ... anything pyarrow.fs reads) are copied once into a per-URI cache."""
     if "://" not in uri:
         return str(Path(uri).expanduser().resolve())
-    if uri.startswith("file://"):
+    if uri.startswith("file://") and cache is None:
         return uri[len("file://"):]
     import pyarrow.fs as pafs
 
-    dest = Path(tempfile.gettempdir()) / "lvm_ray_cache" / hashlib.sha1(uri.encode()).hexdigest()[:16]
-    target = dest / Path(uri.rstrip("/")).name
-    if not target.exists():
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
+    cache = cache or Path(tempfile.gettempdir()) / "lvm_ray_cache"
+    target = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri.rstrip("/")).name
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    try:
         src_fs, src = pafs.FileSystem.from_uri(uri)
-        is_dir = src_fs.get_file_info(src).type == pafs.FileType.Directory
         out = tmp / target.name
-        if is_dir:
+        if src_fs.get_file_info(src).type == pafs.FileType.Directory:
             out.mkdir()
         pafs.copy_files(src, str(out), source_filesystem=src_fs,
                         destination_filesystem=pafs.LocalFileSystem())
-        dest.mkdir(parents=True, exist_ok=True)
-        os.replace(out, target)
+        try:
+            os.replace(out, target)  # atomic: a replica copying the same URI never sees half
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 
@@ -162,8 +179,9 @@ def _test_metrics(ckpt_dir: str, meta: dict) -> dict | None:
 # ----------------------------------------------------------------------------- model
 
 
-def append_batch(predictor, contexts: list[np.ndarray], hs: list[np.ndarray | None],
-                 lasts: list[np.ndarray | None], k: int) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+def append_batch(predictor: "Predictor", contexts: list[np.ndarray],
+                 hs: list[np.ndarray | None], lasts: list[np.ndarray | None],
+                 k: int) -> list[tuple[Any, np.ndarray, np.ndarray]]:
     """Predictor.append for several sessions in one forward pass: each context (T_i, D) continues
     from its own state (h (layers, H), last (D,)) or from the start (None). Returns
     (Prediction, new h, new last) per session; O(max T_i) model work whatever the history."""
@@ -287,12 +305,20 @@ class ModelServer:
                 "neighbors": [n.to_dict() for n in pred.neighbors[:k]],
                 "context_used": pred.context_used, "model_ms": ms, "batch_size": batch}
 
+    @staticmethod
+    async def _run(fn, n_vectors: int, *args):
+        """Large batches run in a thread so the event loop keeps queueing the next batch; a few
+        vectors (a typical append) cost less than the thread hand-off, so they run inline."""
+        if n_vectors <= INLINE_VECTORS:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _predict_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
         kmax = max(it[1] for it in items)
         t0 = time.perf_counter()
-        # In a thread: the event loop keeps queueing requests for the next batch meanwhile.
-        preds = await asyncio.to_thread(self.predictor.predict_batch, [it[0] for it in items], kmax)
+        ctxs = [it[0] for it in items]
+        preds = await self._run(self.predictor.predict_batch, sum(map(len, ctxs)), ctxs, kmax)
         ms = (time.perf_counter() - t0) * 1000
         self._observe("predict", len(items), ms)
         return [self._result(p, k, rv, len(items), ms) for p, (_, k, rv) in zip(preds, items)]
@@ -301,8 +327,9 @@ class ModelServer:
     async def _append_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
         kmax = max(it[3] for it in items)
         t0 = time.perf_counter()
-        outs = await asyncio.to_thread(append_batch, self.predictor, [it[0] for it in items],
-                                       [it[1] for it in items], [it[2] for it in items], kmax)
+        ctxs = [it[0] for it in items]
+        outs = await self._run(append_batch, sum(map(len, ctxs)), self.predictor, ctxs,
+                               [it[1] for it in items], [it[2] for it in items], kmax)
         ms = (time.perf_counter() - t0) * 1000
         self._observe("append", len(items), ms)
         results = []
@@ -453,7 +480,7 @@ class Router:
         ctx.vectors, ctx.texts = out, None
         timings["encode"] = (time.perf_counter() - t0) * 1000
 
-    async def _call(self, model: str, method: str, endpoint: str, *args) -> tuple[dict, float]:
+    async def _call(self, model: str, method: str, *args) -> tuple[dict, float]:
         """Call a model deployment; feed the guardrail; map its answers to HTTP errors."""
         t0 = time.perf_counter()
         try:
@@ -490,14 +517,16 @@ class Router:
                 "context_used": out["context_used"], "neighbors": out["neighbors"],
                 "vector": out["vector"], "batch_size": out["batch_size"], "timings_ms": timings}
 
-    async def _timed(self, endpoint: str, fn, *args):
-        """Run an endpoint body with request/error/latency metrics around it."""
+    async def _timed(self, endpoint: str, fn, *args) -> JSONResponse:
+        """Run an endpoint body with request/error/latency metrics around it. The body is
+        returned as is: the response_model documents it (tests check it), and skipping its
+        re-validation saves time on every request."""
         t0 = time.perf_counter()
         model = "none"
         try:
             result = await fn(*args)
-            model = result.get("model", "none") if isinstance(result, dict) else "none"
-            return result
+            model = result.get("model", "none")
+            return JSONResponse(result)
         except (RequestError, SessionError) as e:
             status = e.status
             self.metrics.errors.inc(tags={"endpoint": endpoint, "model": model,
@@ -544,7 +573,7 @@ class Router:
 
     @api.post("/v1/predict", response_model=PredictionOut,
               openapi_extra=body_schema(PredictRequest))
-    async def predict(self, request: Request) -> dict[str, Any]:
+    async def predict(self, request: Request) -> JSONResponse:
         """Predict the next concept after a full context (any of the four input forms)."""
         return await self._timed("predict", self._predict, request)
 
@@ -554,7 +583,7 @@ class Router:
         timings = {"decode": ctx.decode_ms}
         await self._vectors(ctx, timings)
         r = self._route(ctx.n, req.model)
-        out, call_ms = await self._call(r.model, "predict", "predict", ctx.vectors,
+        out, call_ms = await self._call(r.model, "predict", ctx.vectors,
                                         ctx.concept_ids, req.k, req.return_vector)
         timings.update(model=out["model_ms"], model_call=call_ms,
                        total=(time.perf_counter() - t0) * 1000)
@@ -562,7 +591,7 @@ class Router:
 
     @api.post("/v1/sessions", response_model=SessionOpenOut,
               openapi_extra=body_schema(SessionOpenRequest))
-    async def open_session(self, request: Request) -> dict[str, Any]:
+    async def open_session(self, request: Request) -> JSONResponse:
         """Open a session (optionally with an initial context). The returned `state` carries
         the session; send it back with each append."""
         return await self._timed("session_open", self._open, request)
@@ -585,7 +614,7 @@ class Router:
 
     @api.post("/v1/sessions/{session_id}/append", response_model=SessionOut,
               openapi_extra=body_schema(SessionAppendRequest))
-    async def append(self, session_id: str, request: Request) -> dict[str, Any]:
+    async def append(self, session_id: str, request: Request) -> JSONResponse:
         """Append vectors (or texts, ids) to a session and predict the next concept: O(1) model
         work in the session's length."""
         return await self._timed("session_append", self._append_endpoint, session_id, request)
@@ -610,7 +639,7 @@ class Router:
                       t0: float) -> dict[str, Any]:
         """Run the append on the session's model and advance `state` in place."""
         await self._vectors(ctx, timings)
-        out, call_ms = await self._call(state.model, "append", "session", state, ctx.vectors,
+        out, call_ms = await self._call(state.model, "append", state, ctx.vectors,
                                         ctx.concept_ids, req.k, req.return_vector)
         state.h, state.last, state.fingerprint = out["h"], out["last"], out["fingerprint"]
         state.n_seen += ctx.n
@@ -657,6 +686,14 @@ def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] 
     return app
 
 
+def app_from_config(app: dict[str, Any]) -> Application:
+    """One `applications` entry of a serve config -> the app, its `deployments` entries applied
+    as deployment options (what Serve does when it deploys the config)."""
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
+               for d in app.get("deployments", [])}
+    return make_app(app.get("args", {}), options)
+
+
 def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentHandle]:
     """Deploy a serve config file (e.g. serve_configs/hybrid.yaml) on the current Ray (started
     locally if needed) through the Python API: what `serve run CONFIG` does, for `lvm serve`.
@@ -675,10 +712,8 @@ def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentH
         if app["import_path"] != "lvm_ray.serve.app:build_app":
             raise ValueError(f"{path}: run_config deploys lvm_ray apps only, got "
                              f"{app['import_path']}; use `serve run {path}`")
-        options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
-                   for d in app.get("deployments", [])}
-        handles[app["name"]] = serve.run(make_app(app.get("args", {}), options),
-                                         name=app["name"], route_prefix=app.get("route_prefix", "/"))
+        handles[app["name"]] = serve.run(app_from_config(app), name=app["name"],
+                                         route_prefix=app.get("route_prefix", "/"))
     host, port = cfg.http_options.host, cfg.http_options.port
     print(f"lvm_ray serving on http://{host}:{port}/ (OpenAPI at /docs); Ctrl-C stops it",
           flush=True)
@@ -734,4 +769,5 @@ def demo_query(phase2_checkpoint: str, phase3_checkpoint: str, bank: str,
 
 
 __all__ = ["AppArgs", "MODELS", "ModelServer", "ModelUserConfig", "Router", "RouterUserConfig",
-           "TextEncoder", "append_batch", "build_app", "demo_query", "make_app", "run_config"]
+           "TextEncoder", "app_from_config", "append_batch", "build_app", "demo_query", "make_app",
+           "run_config"]

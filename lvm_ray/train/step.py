@@ -104,21 +104,64 @@ class Batch:
     ctx: torch.Tensor  # (B, T, D) right-padded
     lengths: torch.Tensor  # (B,)
     target: torch.Tensor  # (B, D)
+    start: torch.Tensor | None = None  # (B,) context start, a position in the split's rows
+    step_target: torch.Tensor | None = None  # (B, T, D) the next vector after every step
 
 
-def to_batch(vectors: np.ndarray, ws: WindowSet, idx: np.ndarray, device: torch.device) -> Batch:
+def to_batch(vectors: np.ndarray, ws: WindowSet, idx: np.ndarray, device: torch.device,
+             all_steps: bool = False) -> Batch:
     ctx, lengths, target, _ = gather_batch(vectors, ws, idx)
+    start = ws.start[np.asarray(idx, dtype=np.int64)]
+    step_target = None
+    if all_steps:
+        # Step t's target is the row after it: positions start+1 .. end, all inside the window.
+        pos = np.minimum(start[:, None] + 1 + np.arange(ctx.shape[1]), (start + lengths)[:, None])
+        step_target = torch.from_numpy(vectors[ws.rows[pos]]).to(device)  # (B, T, D)
     return Batch(torch.from_numpy(ctx).to(device), torch.from_numpy(lengths),
-                 torch.from_numpy(target).to(device))
+                 torch.from_numpy(target).to(device), torch.from_numpy(start), step_target)
+
+
+def _rows_and_mask(model: torch.nn.Module, b: Batch, loss_cfg: LossConfig,
+                   negative_pool: torch.Tensor | None):
+    """The training rows of one micro-batch for the all-steps objective or bank negatives:
+    pred, target (N, D), bank negatives (K, D) or None, and the InfoNCE mask (N, N+K).
+
+    Every target and negative is a position in the split's rows, so the mask removes, per row,
+    exactly what the evaluation excludes: the row's own context (positions start .. q-1) and
+    its target position q (a duplicate of the positive from an overlapping window)."""
+    B, T, _ = b.ctx.shape
+    start = b.start.to(torch.int64)  # (B,)
+    if b.step_target is not None:
+        pred_all, _ = model(b.ctx, lengths=b.lengths, all_steps=True)  # (B, T, D)
+        valid = torch.arange(T)[None, :] < b.lengths[:, None]  # (B, T)
+        pred, target = pred_all[valid.to(pred_all.device)], b.step_target[valid.to(pred_all.device)]
+        q = (start[:, None] + 1 + torch.arange(T)[None, :])[valid]  # (N,) target positions
+        s = start[:, None].expand(B, T)[valid]  # (N,)
+    else:
+        pred, _ = model(b.ctx, lengths=b.lengths)
+        target, q, s = b.target, start + b.lengths, start
+    cand = q
+    negatives = None
+    if loss_cfg.negatives == "bank" and negative_pool is not None:
+        # torch's global RNG: saved in the training state, so a resumed run draws the same.
+        c = torch.randint(len(negative_pool), (loss_cfg.bank_negatives,))
+        negatives = negative_pool[c]  # (K, D)
+        cand = torch.cat([q, c])
+    mask = (cand[None, :] >= s[:, None]) & (cand[None, :] <= q[:, None])  # (N, N+K)
+    mask[torch.arange(len(q)), torch.arange(len(q))] = False
+    return pred, target, negatives, mask.to(pred.device)
 
 
 def train_group(model: torch.nn.Module, group: list[Batch], opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, loss_cfg: LossConfig,
-                train_cfg: TrainConfig, collective: Collective) -> dict[str, float]:
+                train_cfg: TrainConfig, collective: Collective,
+                negative_pool: torch.Tensor | None = None) -> dict[str, float]:
     """One optimiser step over an accumulation group of micro-batches.
 
     InfoNCE negatives: with `gathered`, every micro-step sees the targets of the whole global
-    batch (all micro-batches of the group on all workers), not just its own micro-batch."""
+    batch (all micro-batches of the group on all workers), not just its own micro-batch; with
+    `bank`, its own targets plus samples of negative_pool (the training split's vectors, (S, D)).
+    Batches carrying step targets train on every step (the all-steps objective)."""
     n = len(group)
     if loss_cfg.negatives == "gathered" and loss_cfg.alpha > 0:
         local = torch.cat([b.target for b in group])  # (n*B, D)
@@ -136,8 +179,16 @@ def train_group(model: torch.nn.Module, group: list[Batch], opt: torch.optim.Opt
         sync = contextlib.nullcontext() if j == n - 1 or not hasattr(model, "no_sync") \
             else model.no_sync()
         with sync:
-            pred, _ = model(b.ctx, lengths=b.lengths)
-            loss, parts = lvm_loss(pred, b.target, loss_cfg, extra_negatives=extra)
+            if b.step_target is not None or loss_cfg.negatives == "bank":
+                pred, target, negs, mask = _rows_and_mask(model, b, loss_cfg, negative_pool)
+                if negs is None and extra is not None:
+                    # Gathered targets of other micro-batches carry no positions: keep them all.
+                    negs = extra
+                    mask = torch.cat([mask, mask.new_zeros(len(mask), len(extra))], dim=1)
+                loss, parts = lvm_loss(pred, target, loss_cfg, extra_negatives=negs, mask=mask)
+            else:
+                pred, _ = model(b.ctx, lengths=b.lengths)
+                loss, parts = lvm_loss(pred, b.target, loss_cfg, extra_negatives=extra)
             (loss / n).backward()
         for k, v in parts.items():
             stats[k] = stats.get(k, 0.0) + v / n
@@ -325,6 +376,9 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     val_eval = val_ws.sample(tc.max_eval_windows, tc.seed)
     select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
     vectors = bank.vectors
+    # Bank negatives are drawn from the training split's rows, indexed like window positions.
+    negative_pool = (torch.from_numpy(vectors[train_ws.rows]).to(device)
+                     if cfg.loss.negatives == "bank" else None)
     summary: dict[str, Any] = {}
 
     for epoch in range(start_epoch, tc.max_epochs):
@@ -333,12 +387,13 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         t0 = time.perf_counter()
         model.train()
         idx = rt.epoch_indices(epoch)
-        micro = (to_batch(vectors, train_ws, idx[i : i + tc.micro_batch], device)
+        all_steps = tc.objective == "all_steps"
+        micro = (to_batch(vectors, train_ws, idx[i : i + tc.micro_batch], device, all_steps)
                  for i in range(0, len(idx) - tc.micro_batch + 1, tc.micro_batch))
         totals: dict[str, float] = {}
         n_steps = 0
         for group in groups_of(micro, accum):
-            s = train_group(model, group, opt, sched, cfg.loss, tc, coll)
+            s = train_group(model, group, opt, sched, cfg.loss, tc, coll, negative_pool)
             for k, v in s.items():
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1
