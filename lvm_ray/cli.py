@@ -106,6 +106,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return int(run_tune(args) or 0)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lvm_ray.serve.app import run_config
+
+    init_ray()
+    run_config(args.serve_config, blocking=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lvm_ray.demo import run_demo
 
@@ -145,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tune_args(p)
     p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("serve", help="deploy a Serve config (hybrid router) and serve until "
+                                     "Ctrl-C")
+    p.add_argument("serve_config", nargs="?", default="serve_configs/hybrid.yaml",
+                   help="Serve config file (default: serve_configs/hybrid.yaml)")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("demo", help="the main job on the embedded corpus")
     p.add_argument("--quick", action="store_true", help="smaller subset, for a fast look")

@@ -66,7 +66,10 @@ class ModelConfig:
     layers: int = 2
     slots: int = 64  # external memory slots; 0 disables the memory read
     dropout: float = 0.0
-    delta: bool = True  # prediction = l2(x_last + delta) instead of l2(head(state))
+    delta: bool = True  # prediction = l2(anchor + delta) instead of l2(head(state))
+    # The anchor delta mode adds to: "last" = the last context vector; "decay" = the decayed sum
+    # a_t = x_t + beta * a_{t-1} with a learned beta (a learned context-mean, still O(1) per step).
+    anchor: Literal["last", "decay"] = "last"
 
 
 @dataclass(frozen=True)

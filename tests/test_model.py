@@ -18,8 +18,11 @@ VARIANTS = [
     ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=1, slots=0, delta=True),
     ModelConfig(kind="gru", d_in=D, hidden=24, layers=2, slots=0, delta=True),
     ModelConfig(kind="gru", d_in=D, hidden=24, layers=1, slots=0, delta=False),
+    ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=2, slots=8, anchor="decay"),
+    ModelConfig(kind="gru", d_in=D, hidden=24, layers=1, slots=0, anchor="decay"),
 ]
-IDS = [f"{c.kind}-L{c.layers}-S{c.slots}-{'delta' if c.delta else 'direct'}" for c in VARIANTS]
+IDS = [f"{c.kind}-L{c.layers}-S{c.slots}-{'delta' if c.delta else 'direct'}-{c.anchor}"
+       for c in VARIANTS]
 
 
 def _model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
@@ -30,7 +33,17 @@ def _model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     # Wake up the small-init head so delta mode is not trivially ~x_last in the comparisons.
     with torch.no_grad():
         model.head[-1].weight.normal_(0, 0.3)
+        if model.beta_logit is not None:
+            model.beta_logit.fill_(0.7)  # not the init value, so a wrong beta would show
     return model
+
+
+def _decayed_sum(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """Reference anchor: sum_t beta^(T-1-t) x_t by an explicit loop. x (B, T, D) -> (B, D)."""
+    a = torch.zeros_like(x[:, 0])
+    for t in range(x.shape[1]):
+        a = beta * a + x[:, t]
+    return a
 
 
 def _unit(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -53,13 +66,39 @@ def test_incremental_equals_full_context(cfg):
         for t in range(1, 50):
             stepped, sst = model.step(x[:, t], sst)
     assert not torch.allclose(full, x[:, -1], atol=1e-3), "prediction must not be a plain copy"
+    anchor = x[:, -1] if cfg.anchor == "last" else _decayed_sum(x, torch.sigmoid(torch.tensor(0.7)))
+    torch.testing.assert_close(full_state.last, anchor, atol=1e-5, rtol=0)
     for got, state in [(pred, st), (chunk, cst), (stepped, sst)]:
         torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
         torch.testing.assert_close(state.h, full_state.h, atol=1e-5, rtol=0)
-        torch.testing.assert_close(state.last, x[:, -1])
+        torch.testing.assert_close(state.last, full_state.last, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cfg", VARIANTS[:1] + VARIANTS[3:4], ids=IDS[:1] + IDS[3:4])
+@pytest.mark.parametrize("cfg", VARIANTS, ids=IDS)
+def test_all_steps_equals_one_call_per_prefix(cfg):
+    """all_steps=True gives, at step t, what the plain call on the prefix x[:, :t+1] gives; from
+    a state it continues like the plain call; padded rows are right up to their length."""
+    model = _model(cfg)
+    x = _unit(3, 12, D)
+    with torch.no_grad():
+        preds, state = model(x, all_steps=True)
+        assert preds.shape == (3, 12, D)
+        for t in range(12):
+            ref, ref_state = model(x[:, : t + 1])
+            torch.testing.assert_close(preds[:, t], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(state.h, ref_state.h, atol=1e-5, rtol=0)
+        torch.testing.assert_close(state.last, ref_state.last, atol=1e-5, rtol=0)
+        _, st5 = model(x[:, :5])
+        cont, _ = model(x[:, 5:], st5, all_steps=True)
+        torch.testing.assert_close(cont, preds[:, 5:], atol=1e-5, rtol=0)
+        padded = x.clone()
+        padded[0, 4:] = 7.0
+        got, _ = model(padded, lengths=torch.tensor([4, 12, 12]), all_steps=True)
+        torch.testing.assert_close(got[0, :4], preds[0, :4], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS[:1] + VARIANTS[3:4] + VARIANTS[5:6],
+                         ids=IDS[:1] + IDS[3:4] + IDS[5:6])
 def test_padded_batch_matches_unpadded_rows(cfg):
     model = _model(cfg)
     lengths = torch.tensor([7, 3, 12, 1])
@@ -75,7 +114,7 @@ def test_padded_batch_matches_unpadded_rows(cfg):
             ref, ref_state = model(x[b : b + 1, :n])
             torch.testing.assert_close(pred[b : b + 1], ref, atol=1e-5, rtol=0)
             torch.testing.assert_close(state.h[:, b : b + 1], ref_state.h, atol=1e-5, rtol=0)
-            torch.testing.assert_close(state.last[b], x[b, n - 1])
+            torch.testing.assert_close(state.last[b : b + 1], ref_state.last, atol=1e-6, rtol=0)
             ref_cont, _ = model(torch.cat([x[b : b + 1, :n], nxt[b : b + 1]], dim=1))
             torch.testing.assert_close(cont[b : b + 1], ref_cont, atol=1e-5, rtol=0)
         full_len, _ = model(x, lengths=torch.full((4,), 12))
@@ -127,6 +166,18 @@ def test_output_is_unit_norm(cfg):
     assert pred.shape == (5, D) and isinstance(state, RecurrentState)
     assert state.h.shape == (cfg.layers, 5, cfg.hidden) and state.last.shape == (5, D)
     torch.testing.assert_close(pred.norm(dim=-1), torch.ones(5))
+
+
+def test_decay_anchor_learns_beta_and_starts_near_recent_mean():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_in=32, hidden=16, layers=1, slots=4, anchor="decay"))
+    x = _unit(6, 9, 32)
+    pred, state = model(x)
+    # beta starts at 0.5: the anchor is x_T + x_{T-1}/2 + ..., and the untrained delta is tiny.
+    ref = F.normalize(_decayed_sum(x, 0.5), dim=-1)
+    assert F.cosine_similarity(pred, ref, dim=-1).min() > 0.99
+    (1 - F.cosine_similarity(pred, _unit(6, 32, seed=4), dim=-1)).mean().backward()
+    assert model.beta_logit.grad is not None and float(model.beta_logit.grad.abs()) > 0
 
 
 def test_gradient_reaches_memory_and_temperature():

@@ -34,7 +34,8 @@ def test_deploy_schema(path):
     assert cfg.applications, "no applications"
     # ServeDeploySchema ignores unknown keys: compare them with its fields ourselves.
     assert set(raw) <= set(ServeDeploySchema.model_fields), set(raw) - set(ServeDeploySchema.model_fields)
-    assert raw["http_options"]["host"] == "127.0.0.1", "bind to loopback by default"
+    # Loopback by default: no host in the file, and Serve's default (env unset) is loopback.
+    assert raw.get("http_options", {}).get("host", "127.0.0.1") == "127.0.0.1"
     assert path.read_text().startswith("# serve run serve_configs/"), "start with the command"
 
 
@@ -147,3 +148,15 @@ def test_uri_args_are_fetched_once_into_a_cache(tmp_path):
     assert (local_dir / "checkpoint.json").read_text() == "{}"
     assert localize(f"file://{ckpt}") == str(ckpt)  # file:// without a cache: in place
     assert localize("relative/x") == str(Path("relative/x").resolve())
+
+
+def test_serve_default_host_is_loopback_without_the_env_override():
+    import subprocess
+    import sys
+
+    code = ("from ray.serve.config import HTTPOptions; print(HTTPOptions().host)")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k != "RAY_SERVE_DEFAULT_HTTP_HOST"}
+    out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True).strip()
+    assert out in ("127.0.0.1", "localhost"), out
+

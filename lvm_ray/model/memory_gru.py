@@ -39,7 +39,9 @@ class RecurrentState(NamedTuple):
     """What a model remembers after consuming a context."""
 
     h: Tensor  # (layers, B, H) GRU state after each row's last valid step
-    last: Tensor  # (B, D) each row's last valid input vector (delta mode adds to it)
+    # (B, D) the delta anchor: each row's last valid input vector (model.anchor="last"), or the
+    # decayed sum of all its inputs (anchor="decay")
+    last: Tensor
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -85,11 +87,10 @@ def _check_inputs(
 
 def _run_gru_all(
     norm: nn.LayerNorm, gru: nn.GRU, context: Tensor, state: RecurrentState | None
-) -> tuple[Tensor, RecurrentState]:
-    """Top-layer output after every step (B, T, H) and the state after the last step. The GRU is
-    causal, so right padding only changes outputs past each row's length (callers mask them)."""
-    out, h = gru(norm(context), None if state is None else state.h)  # (B, T, H), (layers, B, H)
-    return out, RecurrentState(h, context[:, -1])
+) -> tuple[Tensor, Tensor]:
+    """Top-layer output after every step (B, T, H) and h after the last step (layers, B, H). The
+    GRU is causal, so right padding only changes outputs past each row's length (callers mask)."""
+    return gru(norm(context), None if state is None else state.h)
 
 
 def _run_gru(
@@ -98,21 +99,54 @@ def _run_gru(
     context: Tensor,
     state: RecurrentState | None,
     lengths: Tensor | None,
-) -> RecurrentState:
-    """Consume context (B, T, D) from `state`; only each row's first lengths[b] steps count."""
+) -> Tensor:
+    """Consume context (B, T, D) from `state`; only each row's first lengths[b] steps count.
+    Returns h (layers, B, H) after each row's last valid step."""
     B, T, _ = context.shape
     x = norm(context)  # (B, T, D), per-vector so padding and chunking cannot leak across steps
     h0 = None if state is None else state.h
     if lengths is None or int(lengths.min()) == T:
         # Only h_n is needed: the memory read happens once, from the final state.
         _, h = gru(x, h0)  # (layers, B, H)
-        last = context[:, -1]  # (B, D)
-    else:
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, h = gru(packed, h0)  # (layers, B, H), rows back in input order
-        idx = (lengths - 1).to(context.device)
-        last = context[torch.arange(B, device=context.device), idx]  # (B, D)
-    return RecurrentState(h, last)
+        return h
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    _, h = gru(packed, h0)  # (layers, B, H), rows back in input order
+    return h
+
+
+def _anchor(context: Tensor, state: RecurrentState | None, lengths: Tensor | None,
+            log_beta: Tensor | None) -> Tensor:
+    """What delta mode adds to, after each row's last valid step. (B, D).
+
+    log_beta None: the last input vector. Otherwise the decayed sum a_t = x_t + beta * a_{t-1}
+    (beta = exp(log_beta) in (0, 1)) continued from state.last: a generalised context-mean that
+    still fits in one vector, so incremental use stays O(1)."""
+    B, T, _ = context.shape
+    n = torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths
+    n = n.to(context.device)
+    if log_beta is None:
+        return context[torch.arange(B, device=context.device), n - 1]
+    t = torch.arange(T, device=context.device)
+    age = (n[:, None] - 1 - t[None, :]).clamp(min=0).to(context.dtype)  # (B, T) steps ago
+    w = torch.exp(age * log_beta) * (t[None, :] < n[:, None])  # (B, T), zero on padding
+    a = torch.einsum("bt,btd->bd", w, context)
+    if state is not None:
+        a = a + torch.exp(n.to(context.dtype) * log_beta)[:, None] * state.last
+    return a
+
+
+def _anchors_all(context: Tensor, state: RecurrentState | None,
+                 log_beta: Tensor | None) -> Tensor:
+    """_anchor after every step. (B, T, D)."""
+    if log_beta is None:
+        return context
+    beta = torch.exp(log_beta)
+    a = None if state is None else state.last
+    out = []
+    for t in range(context.shape[1]):  # T small vector ops: cheap beside the GRU
+        a = context[:, t] if a is None else context[:, t] + beta * a
+        out.append(a)
+    return torch.stack(out, dim=1)
 
 
 def _make_head(cfg: ModelConfig) -> nn.Sequential:
@@ -125,12 +159,18 @@ def _make_head(cfg: ModelConfig) -> nn.Sequential:
     return head
 
 
-def _predict(cfg: ModelConfig, head_out: Tensor, last: Tensor) -> Tensor:
+def _predict(cfg: ModelConfig, head_out: Tensor, anchor: Tensor) -> Tensor:
     """(..., D) head output -> (..., D) unit prediction."""
     if cfg.delta:
-        # Predict a change from the last vector: "copy the last" is free, the model learns the rest.
-        return F.normalize(last + head_out, dim=-1)
+        # Predict a change from the anchor (the last vector, or the decayed context sum): copying
+        # it is free, the model learns the rest.
+        return F.normalize(F.normalize(anchor, dim=-1) + head_out, dim=-1)
     return F.normalize(head_out, dim=-1)
+
+
+def _make_log_beta(cfg: ModelConfig) -> nn.Parameter | None:
+    # beta = sigmoid(0) = 0.5 at init: the anchor starts near a mean of the last two or three.
+    return nn.Parameter(torch.zeros(())) if cfg.anchor == "decay" else None
 
 
 def _make_gru(cfg: ModelConfig) -> nn.GRU:
@@ -160,6 +200,10 @@ class MemoryGRU(nn.Module):
         self.fuse = nn.Linear(2 * H if cfg.slots > 0 else H, H)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = _make_head(cfg)
+        self.beta_logit = _make_log_beta(cfg)
+
+    def log_beta(self) -> Tensor | None:
+        return None if self.beta_logit is None else F.logsigmoid(self.beta_logit)
 
     def temperature(self) -> Tensor:
         return self.log_temp.exp().clamp(_TEMP_MIN, _TEMP_MAX)
@@ -188,11 +232,14 @@ class MemoryGRU(nn.Module):
         all_steps: predictions after every step (B, T, D) instead; the state is then the one
         after step T (padding included), so continue only from unpadded calls."""
         lengths = _check_inputs(self.cfg, context, state, lengths)
+        log_beta = self.log_beta()
         if all_steps:
-            out, state = _run_gru_all(self.in_norm, self.gru, context, state)
-            return self._out(out, context), state  # (B, T, D)
-        state = _run_gru(self.in_norm, self.gru, context, state, lengths)
-        return self._out(state.h[-1], state.last), state  # (B, D)
+            out, h = _run_gru_all(self.in_norm, self.gru, context, state)
+            anchors = _anchors_all(context, state, log_beta)  # (B, T, D)
+            return self._out(out, anchors), RecurrentState(h, anchors[:, -1])  # (B, T, D)
+        h = _run_gru(self.in_norm, self.gru, context, state, lengths)
+        state = RecurrentState(h, _anchor(context, state, lengths, log_beta))
+        return self._out(h[-1], state.last), state  # (B, D)
 
     def step(self, x: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
         """One new vector x (B, D) -> prediction (B, D), state."""
@@ -212,6 +259,10 @@ class GRUModel(nn.Module):
         self.gru = _make_gru(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = _make_head(cfg)
+        self.beta_logit = _make_log_beta(cfg)
+
+    def log_beta(self) -> Tensor | None:
+        return None if self.beta_logit is None else F.logsigmoid(self.beta_logit)
 
     def forward(
         self,
@@ -223,11 +274,15 @@ class GRUModel(nn.Module):
         """context (B, T, D) right-padded, lengths (B,) or None -> prediction (B, D), state.
         all_steps: predictions after every step (B, T, D), as in MemoryGRU.forward."""
         lengths = _check_inputs(self.cfg, context, state, lengths)
+        log_beta = self.log_beta()
         if all_steps:
-            out, state = _run_gru_all(self.in_norm, self.gru, context, state)
-            return _predict(self.cfg, self.head(self.drop(out)), context), state  # (B, T, D)
-        state = _run_gru(self.in_norm, self.gru, context, state, lengths)
-        pred = _predict(self.cfg, self.head(self.drop(state.h[-1])), state.last)  # (B, D)
+            out, h = _run_gru_all(self.in_norm, self.gru, context, state)
+            anchors = _anchors_all(context, state, log_beta)  # (B, T, D)
+            pred = _predict(self.cfg, self.head(self.drop(out)), anchors)  # (B, T, D)
+            return pred, RecurrentState(h, anchors[:, -1])
+        h = _run_gru(self.in_norm, self.gru, context, state, lengths)
+        state = RecurrentState(h, _anchor(context, state, lengths, log_beta))
+        pred = _predict(self.cfg, self.head(self.drop(h[-1])), state.last)  # (B, D)
         return pred, state
 
     def step(self, x: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
