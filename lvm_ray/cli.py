@@ -1,4 +1,4 @@
-"""`lvm` command line: ingest, train, evaluate, tune, serve, demo.
+"""`lvm` command line: ingest, train, evaluate, ablate, tune, serve, demo.
 
 Every command takes the same config arguments: --config FILE, --preset NAME (repeatable, applied
 first), --set section.key=value (repeatable, applied last) and --smoke-test (a tiny synthetic run
@@ -114,6 +114,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from lvm_ray.ablate import run_ablation
+
+    cfg = config_from_args(args)
+    presets = (["smoke"] if args.smoke_test else []) + list(args.preset)
+    extra: dict[str, Any] = {}
+    for text in args.overrides:
+        deep_update(extra, parse_override(text))
+    if args.ray:
+        init_ray()
+    rows = [r for r in (args.rows or "").split(",") if r] or None
+    out = run_ablation(cfg, rows, args.out, use_ray=args.ray, config_path=args.config,
+                       presets=presets, extra=extra, force=args.force)
+    print(out["table"])
+    print(f"table: {out['out_dir']}/ablations.md")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lvm_ray.demo import run_demo
 
@@ -159,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("serve_config", nargs="?", default="serve_configs/hybrid.yaml",
                    help="Serve config file (default: serve_configs/hybrid.yaml)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("ablate", help="the ablation table: one trained checkpoint per row")
+    add_config_args(p)
+    p.add_argument("--rows", help="comma-separated row names (default: all rows)")
+    p.add_argument("--out", help="table directory (default: RUN_STORAGE/ablations)")
+    p.add_argument("--ray", action="store_true", help="train each row with Ray Train")
+    p.add_argument("--force", action="store_true", help="retrain rows that already have results")
+    p.set_defaults(fn=cmd_ablate)
 
     p = sub.add_parser("demo", help="the main job on the embedded corpus")
     p.add_argument("--quick", action="store_true", help="smaller subset, for a fast look")

@@ -68,11 +68,14 @@ def write_text(uri_or_path: str, text: str) -> None:
         f.write(text.encode())
 
 
-def run_dir_of(cfg: Config) -> str:
+def storage_of(cfg: Config) -> str:
+    """cfg.run.storage_path as Ray wants it: a URI, or an absolute local path."""
     storage = cfg.run.storage_path
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
-    return f"{storage.rstrip('/')}/{cfg.run.name}"
+    return storage if "://" in storage else os.path.abspath(storage)
+
+
+def run_dir_of(cfg: Config) -> str:
+    return f"{storage_of(cfg).rstrip('/')}/{cfg.run.name}"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -169,18 +172,17 @@ class TrainRun:
     result: Any  # ray.train.Result
 
 
-def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
-                   record_pids: bool = False) -> TrainRun:
-    """Driver side: build the windows dataset, run TorchTrainer, fetch the best checkpoint."""
+def build_trainer(cfg: Config, bank_ref: Any, train_ws: WindowSet, val_ws: WindowSet, *,
+                  storage_path: str, name: str, use_gpu: bool, gpus_per_worker: float = 1.0,
+                  record_pids: bool = False, callbacks: tuple = ()):
+    """The TorchTrainer for one run: window-id dataset, scaling from cfg.scaling, checkpoints
+    kept by the val selection metric. Shared by train_with_ray and multi-worker Tune trials."""
     import pyarrow as pa
     import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cfg.scaling.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.scaling.num_workers
     select = f"val_{select_key(cfg.eval.select_metric, cfg.eval.pool_size)}"
     # Windows go to Ray Data as ids only: the vectors stay in the bank, shared once through
     # the object store, so overlapping windows are never copied.
@@ -190,34 +192,47 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
     })
     # Window-id shards are tiny; their progress bars would drown the per-epoch lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = {"train": ray.data.from_arrow(window_table)}
-    run_dir = run_dir_of(cfg)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": to_dict(cfg),
-            "bank_ref": ray.put(bank),
+            "bank_ref": bank_ref,
             "train_ws_ref": ray.put(train_ws),
             "val_ws_ref": ray.put(val_ws),
-            "run_dir": run_dir,
+            "run_dir": f"{storage_path.rstrip('/')}/{name}",
             "record_pids": record_pids,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                  **({"GPU": 1} if use_gpu else {})},
+                                  **({"GPU": gpus_per_worker} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=cfg.run.storage_path if "://" in cfg.run.storage_path
-            else os.path.abspath(cfg.run.storage_path),
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=select, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         ),
-        datasets=datasets,
+        datasets={"train": ray.data.from_arrow(window_table)},
     )
+
+
+def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
+                   record_pids: bool = False) -> TrainRun:
+    """Driver side: run the TorchTrainer, fetch the best checkpoint and the history."""
+    import ray
+
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.scaling.num_workers
+    select = f"val_{select_key(cfg.eval.select_metric, cfg.eval.pool_size)}"
+    run_dir = run_dir_of(cfg)
+    trainer = build_trainer(cfg, ray.put(bank), train_ws, val_ws,
+                            storage_path=storage_of(cfg), name=cfg.run.name,
+                            use_gpu=bool(use_gpu), record_pids=record_pids)
     result = trainer.fit()
     if not result.best_checkpoints:
         raise RuntimeError(f"training reported no checkpoint; see {run_dir}")

@@ -279,35 +279,13 @@ def _fit_with_ray_train(cfg: Config, bank_ref, train_ws, val_ws, sweep: SweepCon
                         storage: str, trial_id: str) -> None:
     """Several DDP workers per trial: the Ray Train adapter, its reports forwarded to Tune.
     A restarted trial resumes inside Ray Train (same storage path and name)."""
-    import pyarrow as pa
-    import ray
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from lvm_ray.distributed.trainer import build_trainer
 
-    from lvm_ray.distributed.trainer import train_loop_per_worker
-
-    metric = objective_metric(cfg)
-    use_gpu = sweep.gpus_per_worker > 0
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "bank_ref": bank_ref,
-                           "train_ws_ref": ray.put(train_ws), "val_ws_ref": ray.put(val_ws),
-                           "run_dir": f"{storage}/{trial_id}"},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=sweep.workers_per_trial, use_gpu=use_gpu,
-            resources_per_worker={"CPU": sweep.cpus_per_worker,
-                                  **({"GPU": sweep.gpus_per_worker} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=trial_id, storage_path=storage, callbacks=[_epochs_report_callback()],
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
-        datasets={"train": ray.data.from_arrow(pa.table({
-            "window": np.arange(len(train_ws), dtype=np.int64),
-            "target_concept": train_ws.target_rows}))},
-    )
-    trainer.fit()
+    cfg = merge(cfg, {"scaling": {"num_workers": sweep.workers_per_trial,
+                                  "cpus_per_worker": sweep.cpus_per_worker}})
+    build_trainer(cfg, bank_ref, train_ws, val_ws, storage_path=storage, name=trial_id,
+                  use_gpu=sweep.gpus_per_worker > 0, gpus_per_worker=sweep.gpus_per_worker,
+                  callbacks=(_epochs_report_callback(),)).fit()
 
 
 def trial_dirname(trial) -> str:
