@@ -355,7 +355,6 @@ class Bench:
 
     def model_alone(self) -> dict[str, tuple[float, float]]:
         """What batching can buy at most: the model alone, 16 requests one by one vs batched."""
-        from lvm_ray.serve.app import append_batch
 
         p2, p3, ctx, one = self.local["phase2"], self.local["phase3"], self.ctx, self.one
         st = self.state(100)
@@ -365,9 +364,9 @@ class Bench:
                 float(np.median(time_local(lambda: [p3.predict(ctx) for _ in range(16)], 3))),
                 float(np.median(time_local(lambda: p3.predict_batch([ctx] * 16), 3)))),
             "append @100": (
-                float(np.median(time_local(lambda: [append_batch(p2, [one], [h], [last], 5)
+                float(np.median(time_local(lambda: [p2.append_batch([one], [h], [last], 5)
                                                     for _ in range(16)], self.n(30)))),
-                float(np.median(time_local(lambda: append_batch(p2, [one] * 16, [h] * 16,
+                float(np.median(time_local(lambda: p2.append_batch([one] * 16, [h] * 16,
                                                                 [last] * 16, 5), self.n(30))))),
         }
 

@@ -53,6 +53,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.model = ckpt.model.to(self.device).eval()
         self.meta = ckpt.meta
+        self.test_metrics = _read_json(ckpt.path / "test_metrics.json")
         self.bank = bank
         self.dim = bank.dim
         trained_ctx = ckpt.meta.get("config", {}).get("window", {}).get("context")
@@ -72,7 +73,7 @@ class Predictor:
             "n_parameters": self.meta.get("n_parameters"),
             "epoch": self.meta.get("epoch"),
             "metrics": self.meta.get("metrics"),
-            "test_metrics": self.meta.get("test_metrics"),
+            "test_metrics": self.test_metrics,
             "data": self.meta.get("data"),
             "max_context": self.max_context,
             "bank_size": len(self.bank),
@@ -135,11 +136,51 @@ class Predictor:
 
     # ------------------------------------------------------------------ incremental
 
-    @torch.no_grad()
     def append(self, vectors: np.ndarray, state: RecurrentState | None = None,
                k: int = 5) -> tuple[Prediction, RecurrentState]:
         """Feed new vectors after `state` (None = start); O(len(vectors)) model work."""
-        arr = self.validate(vectors)
-        pred, new_state = self.model(torch.from_numpy(arr)[None].to(self.device), state)
-        p = pred.float().cpu().numpy()
-        return Prediction(p[0], self.neighbors(p, k)[0], len(arr)), new_state
+        h = last = None
+        if state is not None:
+            h = state.h[:, 0].float().cpu().numpy()
+            last = state.last[0].float().cpu().numpy()
+        pred, h, last = self.append_batch([vectors], [h], [last], k)[0]
+        return pred, RecurrentState(torch.from_numpy(h[:, None]).to(self.device),
+                                    torch.from_numpy(last[None]).to(self.device))
+
+    @torch.no_grad()
+    def append_batch(self, contexts: list[np.ndarray], hs: list[np.ndarray | None],
+                     lasts: list[np.ndarray | None],
+                     k: int = 5) -> list[tuple[Prediction, np.ndarray, np.ndarray]]:
+        """Several sessions' appends in one forward pass: context i (T_i, D) continues from its
+        own state (h (layers, H), last (D,)) or from the start (None). Returns
+        (Prediction, new h, new last) per session; O(max T_i) model work whatever the history."""
+        contexts = [self.validate(c) for c in contexts]
+        cfg = self.model.cfg
+        lengths = [len(c) for c in contexts]
+        batch = np.zeros((len(contexts), max(lengths), self.dim), dtype=np.float32)  # (B, T, D)
+        for i, c in enumerate(contexts):
+            batch[i, : len(c)] = c
+        # A zero state is exactly nn.GRU's default start; `last` is only read from the new input.
+        h0 = np.stack([np.zeros((cfg.layers, cfg.hidden), np.float32) if h is None else h
+                       for h in hs], axis=1)  # (layers, B, H)
+        last0 = np.stack([np.zeros(self.dim, np.float32) if x is None else x
+                          for x in lasts])  # (B, D)
+        dev = self.device
+        state = RecurrentState(torch.from_numpy(h0).to(dev), torch.from_numpy(last0).to(dev))
+        lens = None if len(set(lengths)) == 1 else torch.tensor(lengths)
+        pred, new = self.model(torch.from_numpy(batch).to(dev), state, lens)
+        pred = pred.float().cpu().numpy()  # (B, D)
+        h, last = new.h.float().cpu().numpy(), new.last.float().cpu().numpy()
+        nbrs = self.neighbors(pred, k)
+        return [(Prediction(pred[i], nbrs[i], lengths[i]), np.ascontiguousarray(h[:, i]),
+                 last[i]) for i in range(len(contexts))]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON side file next to a checkpoint (e.g. test_metrics.json), if present and valid."""
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None

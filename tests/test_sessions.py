@@ -153,7 +153,6 @@ def predictor(tmp_path_factory):
 
 
 def test_append_batch_matches_one_session_at_a_time(predictor):
-    from lvm_ray.serve.app import append_batch
 
     rng = np.random.default_rng(0)
 
@@ -164,9 +163,9 @@ def test_append_batch_matches_one_session_at_a_time(predictor):
     histories = [unit(7), None, unit(3)]  # two running sessions and a fresh one
     news = [unit(1), unit(4), unit(2)]  # different lengths: packed, not padded into the state
     states = [None if h is None else predictor.append(h)[1] for h in histories]
-    out = append_batch(predictor, news,
-                       [None if s is None else s.h[:, 0].numpy() for s in states],
-                       [None if s is None else s.last[0].numpy() for s in states], k=3)
+    out = predictor.append_batch(news,
+                                 [None if s is None else s.h[:, 0].numpy() for s in states],
+                                 [None if s is None else s.last[0].numpy() for s in states], k=3)
     for (pred, h, last), new, st, hist in zip(out, news, states, histories):
         ref, ref_state = predictor.append(new, st, k=3)
         np.testing.assert_allclose(pred.vector, ref.vector, atol=1e-5)

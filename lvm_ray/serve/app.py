@@ -166,50 +166,7 @@ def encoder_name_for_bank(bank_encoder: str | None, override: str | None) -> str
     return None
 
 
-def _test_metrics(ckpt_dir: str, meta: dict) -> dict | None:
-    f = Path(ckpt_dir) / "test_metrics.json"
-    if f.is_file():
-        try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError:
-            return None
-    return meta.get("test_metrics")
-
-
 # ----------------------------------------------------------------------------- model
-
-
-def append_batch(predictor: "Predictor", contexts: list[np.ndarray],
-                 hs: list[np.ndarray | None], lasts: list[np.ndarray | None],
-                 k: int) -> list[tuple[Any, np.ndarray, np.ndarray]]:
-    """Predictor.append for several sessions in one forward pass: each context (T_i, D) continues
-    from its own state (h (layers, H), last (D,)) or from the start (None). Returns
-    (Prediction, new h, new last) per session; O(max T_i) model work whatever the history."""
-    import torch
-
-    from lvm_ray.model import RecurrentState
-    from lvm_ray.predictor import Prediction
-
-    cfg = predictor.model.cfg
-    lengths = [len(c) for c in contexts]
-    batch = np.zeros((len(contexts), max(lengths), predictor.dim), dtype=np.float32)  # (B, T, D)
-    for i, c in enumerate(contexts):
-        batch[i, : len(c)] = c
-    # A zero state is exactly nn.GRU's default start; `last` is only read from the new context.
-    h0 = np.stack([np.zeros((cfg.layers, cfg.hidden), np.float32) if h is None else h
-                   for h in hs], axis=1)  # (layers, B, H)
-    last0 = np.stack([np.zeros(predictor.dim, np.float32) if x is None else x
-                      for x in lasts])  # (B, D)
-    dev = predictor.device
-    state = RecurrentState(torch.from_numpy(h0).to(dev), torch.from_numpy(last0).to(dev))
-    lens = None if len(set(lengths)) == 1 else torch.tensor(lengths)
-    with torch.no_grad():
-        pred, new = predictor.model(torch.from_numpy(batch).to(dev), state, lens)
-    pred = pred.float().cpu().numpy()  # (B, D)
-    h, last = new.h.float().cpu().numpy(), new.last.float().cpu().numpy()
-    nbrs = predictor.neighbors(pred, k)
-    return [(Prediction(pred[i], nbrs[i], lengths[i]), np.ascontiguousarray(h[:, i]), last[i])
-            for i in range(len(contexts))]
 
 
 def _client_error(status: int, detail: str) -> dict[str, Any]:
@@ -236,7 +193,6 @@ class ModelServer:
         cfg = self.predictor.model.cfg
         self.state_shape = (cfg.layers, cfg.hidden)
         self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
-        self.test_metrics = _test_metrics(ckpt_dir, self.predictor.meta)
         self.metrics = ModelMetrics()
         self.user = ModelUserConfig()
 
@@ -253,7 +209,7 @@ class ModelServer:
                 "max_context": i["max_context"], "dim": self.predictor.dim,
                 "state_shape": list(self.state_shape), "n_parameters": i["n_parameters"],
                 "model_config": i["model_config"], "epoch": i["epoch"],
-                "val_metrics": i["metrics"], "test_metrics": self.test_metrics,
+                "val_metrics": i["metrics"], "test_metrics": i["test_metrics"],
                 "bank_size": i["bank_size"], "bank_encoder": self.predictor.bank.meta.get("encoder"),
                 "user_config": self.user.model_dump(),
                 "replica": serve.get_replica_context().replica_tag}
@@ -328,7 +284,7 @@ class ModelServer:
         kmax = max(it[3] for it in items)
         t0 = time.perf_counter()
         ctxs = [it[0] for it in items]
-        outs = await self._run(append_batch, sum(map(len, ctxs)), self.predictor, ctxs,
+        outs = await self._run(self.predictor.append_batch, sum(map(len, ctxs)), ctxs,
                                [it[1] for it in items], [it[2] for it in items], kmax)
         ms = (time.perf_counter() - t0) * 1000
         self._observe("append", len(items), ms)
@@ -769,5 +725,5 @@ def demo_query(phase2_checkpoint: str, phase3_checkpoint: str, bank: str,
 
 
 __all__ = ["AppArgs", "MODELS", "ModelServer", "ModelUserConfig", "Router", "RouterUserConfig",
-           "TextEncoder", "app_from_config", "append_batch", "build_app", "demo_query", "make_app",
+           "TextEncoder", "app_from_config", "build_app", "demo_query", "make_app",
            "run_config"]
