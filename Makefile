@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast bench clean-runs
+.PHONY: venv demo test test-fast bench reliability clean-runs
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py
 
 clean-runs:
 	rm -rf runs

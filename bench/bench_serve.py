@@ -32,16 +32,12 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, markdown_table, write_section  # noqa: E402
+from lvm_ray.loadgen import percentiles  # noqa: E402
 from lvm_ray.serve.schemas import encode_b64  # noqa: E402
 from lvm_ray.serve.sessions import SessionState  # noqa: E402
 
 LENGTHS = (100, 500, 1000)
 CONCURRENCY = (1, 16)
-
-
-def pct(xs: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(xs)
-    return tuple(float(np.percentile(a, q)) for q in (50, 95, 99))
 
 
 def free_port() -> int:
@@ -191,7 +187,7 @@ class Bench:
         return max(16, int(x * self.scale))
 
     def record(self, scenario: str, path: str, conc: int, res: dict, forward_ms: float = 0.0):
-        p50, p95, p99 = pct(res["lat"])
+        p50, p95, p99 = percentiles(res["lat"])
         self.results[(scenario, path, conc)] = {"p50": p50, "p95": p95, "p99": p99,
                                                 "rps": res["rps"]}
         self.rows.append([scenario, path, conc, len(res["lat"]), p50, p95, p99, res["rps"],

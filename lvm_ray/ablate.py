@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lvm_ray.config import Config, deep_update, merge, to_dict
 from lvm_ray.eval.report import best_baseline, is_baseline
 
@@ -64,8 +66,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _yaml_scalar(v: Any) -> str:
-    # JSON scalars are valid YAML; a bare string stays bare so the command reads naturally.
-    return v if isinstance(v, str) and v.isidentifier() else json.dumps(v)
+    # JSON scalars are valid YAML; a string that YAML reads back unchanged stays bare.
+    return v if isinstance(v, str) and yaml.safe_load(v) == v else json.dumps(v)
 
 
 def row_overrides(row: Row, out_dir: str | Path) -> dict[str, Any]:

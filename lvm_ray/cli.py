@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        # Bad input is the user's to fix: one clear line, non-zero exit, no traceback.
-        print(f"lvm {args.command}: error: {e}", file=sys.stderr)
+        # Bad input is the user's to fix: one clear line (a YAML error spans several), non-zero
+        # exit, no traceback.
+        print(f"lvm {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

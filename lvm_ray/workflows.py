@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,9 @@ def ensure_bank(cfg: Config, use_ray: bool = False) -> ConceptBank:
 
     bank_path = Path(cfg.bank_path)
     if cfg.corpus.source == "bank":
-        bank_path = Path(cfg.corpus.path or cfg.bank_path)
+        # Someone else's bank: checked (finite unit vectors, splits, document order) before use.
+        corpus = replace(cfg.corpus, path=cfg.corpus.path or cfg.bank_path)
+        bank_path = ingest(corpus, cfg.encoder, cfg.split, bank_path).bank_path
     elif use_ray and cfg.corpus.source != "synthetic":
         from lvm_ray.distributed.data import ingest_with_ray
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,8 @@ def test_row_command_rebuilds_the_row_config(row, tmp_path):
     assert config_from_args(args) == ablate.row_config(base, row, tmp_path / "abl")
 
 
-def test_run_ablation_trains_rows_writes_table_and_reuses(tmp_path, capsys):
+@pytest.mark.slow
+def test_run_ablation_trains_rows_writes_table_and_reuses(tmp_path):
     extra = {"train": {"max_epochs": 2}, "bank_path": str(tmp_path / "bank.parquet"),
              "eval": {"lanes": 4}}
     base = load_config(presets=["smoke"], overrides=extra)
@@ -44,13 +46,12 @@ def test_run_ablation_trains_rows_writes_table_and_reuses(tmp_path, capsys):
     assert [r["row"] for r in recs] == ["base", "gru"]
     for r in recs:
         assert (tmp_path / "abl" / r["row"]).is_dir()
-        assert json.loads((__import__("pathlib").Path(r["checkpoint"]) / "checkpoint.json")
-                          .read_text())["model_config"]["kind"] == ("gru" if r["row"] == "gru"
-                                                                     else "memory_gru")
+        meta = json.loads((Path(r["checkpoint"]) / "checkpoint.json").read_text())
+        assert meta["model_config"]["kind"] == ("gru" if r["row"] == "gru" else "memory_gru")
         assert 0 <= r["model"]["bank_hit@5"] <= 1 and r["best_baseline"]
         assert r["command"].startswith("lvm train --local --preset smoke")
     md = (tmp_path / "abl" / "ablations.md").read_text()
-    assert "| base |" in md and "| gru |" in md and "pool115-Hit@5" in md
+    assert "| base |" in md and "| gru |" in md and "| bank-Hit@5 | CA |" in md
     assert "lvm train --local" in md
     # Lanes were written next to the checkpoint's test metrics.
     from lvm_ray.eval.lanes import lane_report

@@ -106,3 +106,63 @@ def test_loss_backward_and_shape_errors():
         lvm_loss(pred[0], target[0], LossConfig())
     with pytest.raises(ValueError, match=r"extra_negatives must be \(K, 32\)"):
         lvm_loss(pred, target, LossConfig(), extra[:, :4])
+
+
+def test_masked_info_nce_equals_dropping_the_masked_candidates():
+    pred, target, extra = _data(B=5, K=7)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(5, 12, generator=g) < 0.4
+    mask[torch.arange(5), torch.arange(5)] = False
+    got = float(info_nce(pred, target, 0.1, extra, mask))
+    cands = torch.cat([target, extra])
+    total = 0.0
+    for i in range(5):
+        keep = ~mask[i]
+        logits = F.normalize(pred[i], dim=-1) @ F.normalize(cands[keep], dim=-1).T / 0.1
+        pos = int(keep[: i + 1].sum()) - 1  # the positive's column among the kept ones
+        total += float(torch.logsumexp(logits, 0) - logits[pos])
+    assert got == pytest.approx(total / 5, rel=1e-5)
+    bad = mask.clone()
+    bad[2, 2] = True
+    with pytest.raises(ValueError, match="diagonal"):
+        info_nce(pred, target, 0.1, extra, bad)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        info_nce(pred, target, 0.1, extra, mask[:, :5])
+
+
+def test_bank_negatives_mask_exactly_the_windows_context_and_target():
+    """The all-steps rows of a micro-batch: one per valid step, target = the next row, and the
+    mask removes exactly the positions the evaluation excludes (context) plus the target."""
+    from lvm_ray.config import ModelConfig, WindowConfig
+    from lvm_ray.data.synthetic import make_synthetic_bank
+    from lvm_ray.data.windows import make_windows
+    from lvm_ray.model import build_model
+    from lvm_ray.train.step import _rows_and_mask, to_batch
+
+    bank = make_synthetic_bank(n_docs=6, doc_len=(20, 30), dim=16, seed=0)
+    ws = make_windows(bank, "train", WindowConfig(context=8, min_context=2))
+    idx = np.array([0, 5, len(ws) - 1])
+    b = to_batch(bank.vectors, ws, idx, torch.device("cpu"), all_steps=True)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_in=16, hidden=8, layers=1, slots=2))
+    cfg = LossConfig(negatives="bank", bank_negatives=50)
+    pool = torch.from_numpy(bank.vectors[ws.rows])
+    torch.manual_seed(1)
+    pred, target, negs, mask = _rows_and_mask(model, b, cfg, pool)
+    torch.manual_seed(1)
+    drawn = torch.randint(len(pool), (50,))  # the same draw _rows_and_mask made
+    n = int(ws.lengths[idx].sum())
+    assert pred.shape == target.shape == (n, 16) and negs.shape == (50, 16)
+    assert mask.shape == (n, n + 50)
+    q = np.concatenate([np.arange(s + 1, e + 1) for s, e in zip(ws.start[idx], ws.end[idx])])
+    s = np.concatenate([np.full(e - st, st) for st, e in zip(ws.start[idx], ws.end[idx])])
+    np.testing.assert_array_equal(target.numpy(), bank.vectors[ws.rows[q]])
+    cand = np.concatenate([q, drawn.numpy()])
+    want = (cand[None] >= s[:, None]) & (cand[None] <= q[:, None])
+    want[np.arange(n), np.arange(n)] = False
+    np.testing.assert_array_equal(mask.numpy(), want)
+    # The last-step row of each window is exactly that window's own target.
+    ends = np.cumsum(ws.lengths[idx]) - 1
+    np.testing.assert_array_equal(target[ends].numpy(), bank.vectors[ws.target_rows[idx]])
+    loss, parts = lvm_loss(pred, target, cfg, negs, mask)
+    assert np.isfinite(parts["infonce"]) and parts["infonce"] > 0

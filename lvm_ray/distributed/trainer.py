@@ -25,6 +25,7 @@ from lvm_ray.config import Config, from_dict, to_dict
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import WindowSet
 from lvm_ray.eval.metrics import select_key
+from lvm_ray.train.checkpoint import CheckpointError, read_meta
 from lvm_ray.train.step import Runtime, fit
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         restored.to_directory(str(resume_from))
         from lvm_ray.train.checkpoint import load_train_state
 
+        try:
+            read_meta(resume_from)  # a checkpoint cut short mid-write fails its checksums
+        except CheckpointError as e:
+            raise CheckpointError(f"Ray Train restored checkpoint {restored.path}, which is not "
+                                  f"valid ({e}); refusing to resume from it") from None
         state = load_train_state(resume_from) or {}
         resumed_history = json.loads(state.get("history_json", "[]"))
         if rank == 0:
@@ -220,6 +226,31 @@ def build_trainer(cfg: Config, bank_ref: Any, train_ws: WindowSet, val_ws: Windo
     )
 
 
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint Ray Train will resume `run_dir` from (the latest one its checkpoint
+    manager snapshot records), verified; None for a new run. A run re-submitted under the same
+    name resumes silently, so a checkpoint that fails verification (a write cut short, a
+    corrupted file) stops the run here with one clear error instead."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{snapshot} is corrupted ({e}); move {run_dir} away or choose "
+                              "another run.name") from None
+    if not name:
+        return None
+    try:
+        read_meta(run_dir / name)
+    except CheckpointError as e:
+        raise CheckpointError(f"run {run_dir} would resume from {name}, which is not a valid "
+                              f"checkpoint ({e}); move {run_dir} away or choose another "
+                              "run.name to start over") from None
+    return run_dir / name
+
+
 def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
                    record_pids: bool = False) -> TrainRun:
     """Driver side: run the TorchTrainer, fetch the best checkpoint and the history."""
@@ -230,6 +261,10 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.scaling.num_workers
     select = f"val_{select_key(cfg.eval.select_metric, cfg.eval.pool_size)}"
     run_dir = run_dir_of(cfg)
+    if "://" not in run_dir:
+        resume = resume_checkpoint(Path(run_dir))
+        if resume is not None:
+            print(f"[lvm] run {run_dir} exists: resuming from {resume.name}", flush=True)
     trainer = build_trainer(cfg, ray.put(bank), train_ws, val_ws,
                             storage_path=storage_of(cfg), name=cfg.run.name,
                             use_gpu=bool(use_gpu), record_pids=record_pids)
@@ -239,8 +274,16 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][select])
     local_best = Path(run_dir) / "best" if "://" not in run_dir else \
         Path(tempfile.mkdtemp(prefix="lvm_best_")) / "best"
-    if local_best.exists():
-        shutil.rmtree(local_best)
-    best_ckpt.to_directory(str(local_best))
+    # Copied aside, verified, then renamed: best/ is never a half-copied checkpoint.
+    local_best.parent.mkdir(parents=True, exist_ok=True)
+    tmp_best = Path(tempfile.mkdtemp(dir=local_best.parent, prefix=".best.tmp"))
+    try:
+        best_ckpt.to_directory(str(tmp_best))
+        read_meta(tmp_best)
+        if local_best.exists():
+            shutil.rmtree(local_best)
+        os.replace(tmp_best, local_best)
+    finally:
+        shutil.rmtree(tmp_best, ignore_errors=True)
     history = json.loads((Path(run_dir) / HISTORY).read_text()) if "://" not in run_dir else []
     return TrainRun(run_dir, str(local_best), best_metrics, history, result)

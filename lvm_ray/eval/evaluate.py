@@ -12,7 +12,8 @@ import numpy as np
 from lvm_ray.config import Config, WindowConfig, from_dict
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.eval.baselines import fit_baselines
-from lvm_ray.eval.lanes import Lanes, bank_lanes, lane_document, lane_markdown, lane_metrics, write_lanes
+from lvm_ray.eval.lanes import (Lanes, bank_lanes, lane_document, lane_markdown, lane_metrics,
+                                write_lanes)
 from lvm_ray.eval.metrics import evaluate_detailed, hits_from_ranks
 from lvm_ray.eval.report import markdown_report, plot_comparison, plot_training_curves
 from lvm_ray.train.checkpoint import load_checkpoint

@@ -142,6 +142,8 @@ class SessionCodec:
             sig = _unb64(parts[3])
         except (binascii.Error, ValueError):
             raise SessionMalformed("session state signature is not base64url") from None
+        if _b64(sig) != parts[3]:  # unused padding bits set: one signature, one spelling
+            raise SessionMalformed("session state signature is not canonical base64url")
         # Checked before anything else is decoded: nothing unsigned is parsed.
         if not hmac.compare_digest(sig, self._sign(signed)):
             raise SessionForged("session state signature does not verify: the token was altered, "

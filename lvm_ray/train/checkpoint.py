@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -145,4 +146,10 @@ def load_train_state(path: str | Path) -> dict[str, Any] | None:
     if not f.is_file():
         return None
     read_meta(path)  # verifies the checksum of the state file too
-    return torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        # weights_only rejects any pickle that would build an object other than tensors and
+        # plain containers: a crafted train_state.pt (even with a matching checksum) is refused.
+        raise CheckpointError(f"{f}: refusing to load: not a plain tensor state "
+                              f"({str(e).splitlines()[0][:200]})") from None
