@@ -36,7 +36,9 @@ def machine() -> str:
 
 
 def stamp() -> str:
-    return f"_Machine: {machine()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}._"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"_Machine: {machine()}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+            f"Load average (1/5/15 min) at the end: {load}; other processes inflate times._")
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -1,8 +1,9 @@
 """Reliability: load, faults and bad input, with figures. Writes RELIABILITY.md.
 
-    python bench/reliability.py                  # ~25 min on 2 cores; writes RELIABILITY.md
+    python bench/reliability.py                  # ~15 min on 2 cores; writes RELIABILITY.md
     python bench/reliability.py --smoke-test     # a few seconds per part; prints, writes nothing
     python bench/reliability.py --only serve     # serve | train | input (repeatable)
+    python bench/reliability.py --report-only    # RELIABILITY.md again from runs/reliability.json
 
 serve: the hybrid app (serve_configs/hybrid.yaml, the demo's checkpoints and bank when they exist)
 on a local Ray, loaded by lvm_ray.loadgen (loopback only, capped in requests and seconds) at
@@ -278,6 +279,8 @@ def kill_replica_under_load(t: ServeTarget, deployment: str = "Phase2Model",
     kinds = app_kinds(t.dim, t.n_concepts, t.texts, mix)
     sessions = open_sessions(t, n_sessions, length=8) if t.phase2 is not None else []
     before = replica_pids(t.app, deployment)
+    if not before:
+        raise RuntimeError(f"no live {deployment} replica of app {t.app!r} to kill")
     n_before = len(before)
     box: dict[str, Any] = {}
 
@@ -976,8 +979,8 @@ def serve_report(s: dict[str, Any]) -> str:
          f"{fmt_ms(f['p99_ms_around'])}, max {fmt_ms(f['max_ms_around'])} ms"],
         ["Phase2Model RUNNING replicas over time", f["replicas"]],
         ["sessions opened before the kill, continued after it with the exact full-context "
-         "prediction", f"{f['sessions_continued']} of {f['sessions']} (max |diff| "
-                     f"{f['session_max_diff']:.1e})"],
+         "prediction", f"{f['sessions_continued']} of {f['sessions']} (largest absolute "
+                     f"difference {f['session_max_diff']:.1e})"],
     ])
     bad_rows = [[i + 1, r["name"], f"{r['method']} {r['path']}", r["status"],
                  r["detail"][:110].replace("|", "\\|").replace("\n", " "),
@@ -990,9 +993,16 @@ def serve_report(s: dict[str, Any]) -> str:
                           "as expected"], bad_rows)
     lv8 = next((lv for lv in s["levels"] if lv["level"] == 8), None)
     mb = s.get("model_bound")
+    top = s["levels"][-1]
+    queue = max(("TextEncoder", *MODELS), key=lambda d: top.get("ongoing", {}).get(d, 0.0))
+    queue_text = (f"At concurrency {top['level']} the longest queue behind the router was at "
+                  f"{queue} (mean {fmt_ms(top.get('ongoing', {}).get(queue, float('nan')))} "
+                  "ongoing requests)" + (", which has a fixed single replica; the model "
+                                         "deployments stayed under their target, so nothing "
+                                         "was added there." if queue not in MODELS else "."))
     mb_text = "" if mb is None else (
-        f"in the model-bound level (32 clients, each request a 500-vector predict, all on "
-        f"Phase2Model) Phase2Model went {mb['replicas']['Phase2Model']} RUNNING replicas "
+        f"In the model-bound level (32 clients, each request a 500-vector predict, all on "
+        f"Phase2Model) its RUNNING replicas went {mb['replicas']['Phase2Model']} "
         f"(mean ongoing requests {fmt_ms(mb['ongoing']['Phase2Model'])}): autoscaling "
         f"{'added a replica' if mb['max_replicas']['Phase2Model'] > 1 else 'added nothing'}.")
     scaled = {d: max(lv["max_replicas"][d] for lv in s["levels"]) for d in MODELS}
@@ -1022,7 +1032,7 @@ Goal: zero errors at concurrency 8: **{verdict(lv8 is not None and lv8['errors']
 ({lv8['errors'] if lv8 else '?'} errors).
 
 Autoscaling: during the mixed levels at most {scaled['Phase2Model']} Phase2Model and
-{scaled['Phase3Model']} Phase3Model replicas were RUNNING; {mb_text}
+{scaled['Phase3Model']} Phase3Model replicas were RUNNING. {queue_text} {mb_text}
 Replica counts are sampled from `serve.status()` every 2 s; the "replicas" columns list each
 change with its time since the level started. "Mean ongoing requests" is what a deployment's
 autoscaler compares with its `target_ongoing_requests` (8 per replica for the model
@@ -1076,13 +1086,14 @@ def train_report(t: dict[str, Any]) -> str:
         rows.append(hist_row("1 worker, uninterrupted, again", t["ref1b"], ref1, "-", noise1))
     d = t["driver"]
     rows.append(hist_row("1 worker, driver killed, job re-submitted", d, ref1,
-                         f"driver pid SIGKILL after {d['epochs_at_kill']} epochs; first job "
-                         f"{d['first_status']}; same command again", noise1))
+                         f"driver pid SIGKILL after {d['epochs_at_kill']} epochs (latest "
+                         f"registered checkpoint {d.get('registered_before_resubmit')}); first "
+                         f"job {d['first_status']}; same command again", noise1))
     if "worker" in t:
         w = t["worker"]
         rows.append(hist_row("1 worker, worker killed mid-epoch", w, ref1,
-                             f"rank-0 pid SIGKILL during epoch {w['killed_in_epoch']}; "
-                             "FailureConfig(max_failures=2)", noise1))
+                             f"rank-0 pid SIGKILL during epoch {w['killed_in_epoch']} (before "
+                             "it was reported); FailureConfig(max_failures=2)", noise1))
     if "ref2" in t:
         ref2 = t["ref2"]
         rows.append(hist_row("2 workers, uninterrupted (reference)", ref2, None, "-", noise2))
@@ -1093,7 +1104,9 @@ def train_report(t: dict[str, Any]) -> str:
                              noise2))
         d2 = t["driver2"]
         rows.append(hist_row("2 workers, driver killed, job re-submitted", d2, ref2,
-                             f"driver pid SIGKILL after {d2['epochs_at_kill']} epochs", noise2))
+                             f"driver pid SIGKILL after {d2['epochs_at_kill']} epochs (latest "
+                             f"registered checkpoint {d2.get('registered_before_resubmit')})",
+                             noise2))
     table = markdown_table(["run", "fault", "job", "epochs", "best val Hit@5",
                             "max per-epoch difference from its reference",
                             "best minus reference best (abs)", "same best within the noise",
@@ -1137,7 +1150,10 @@ Noise: {noise}
 Goal "a resumed run reaches the same best val Hit@5 as an uninterrupted one, within the
 noise": a faulted run meets it when its best differs from its reference's by no more than two
 uninterrupted runs differ ({noise_text}).
-"resumed from" is the epoch of the checkpoint the worker was handed (its log line).
+"resumed from" is the epoch of the checkpoint the worker was handed (its log line): Ray Train
+resumes from the latest checkpoint its controller had registered, which can be older than the
+latest one the worker wrote (the controller picks reports up asynchronously; a checkpoint
+persisted but not yet registered is ignored, and its epochs are trained again).
 
 A checkpoint that Ray Train would resume from, cut in half after the run finished
 ({c['checkpoint']}/model.safetensors): the same job submitted again ends **{c['status']}**
@@ -1174,19 +1190,24 @@ expected; stray temporary files afterwards: {len(r['stray_tmp'])}.
 """
 
 
-def write_report(sections: dict[str, str], command: str) -> None:
-    head = ("# lvm_ray reliability\n\nWritten by `make reliability` "
-            "(`python bench/reliability.py`)."
-            " Every number below comes from that run; the fast parts of the same checks run in "
-            "`make test` (tests/test_reliability_serve.py, tests/test_reliability_train.py, "
-            "tests/test_bad_input_cli.py, tests/test_security.py).\n")
-    text = RELIABILITY.read_text() if RELIABILITY.exists() else head
+def write_report(sections: dict[str, str], runs: dict[str, dict]) -> None:
+    """Replace (or add) each part's section of RELIABILITY.md; `runs` holds, per part, when and
+    by which command its numbers were measured."""
     import re
 
+    head = ("# lvm_ray reliability\n\nWritten by `make reliability` "
+            "(`python bench/reliability.py`): every number below comes from the run named in its "
+            "section. The fast parts of the same checks run in `make test` "
+            "(tests/test_reliability_serve.py, tests/test_reliability_train.py, "
+            "tests/test_bad_input_cli.py, tests/test_security.py); security properties and "
+            "what a deployment must add: [docs/security.md](docs/security.md).\n")
+    text = RELIABILITY.read_text() if RELIABILITY.exists() else head
     for name, body in sections.items():
-        section = (f"<!-- section:{name} -->\n{stamp()} Command: `{command}`. Load average at "
-                   f"the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the machine "
-                   f"is shared).\n{body.strip()}\n<!-- /section:{name} -->")
+        r = runs.get(name, {})
+        section = (f"<!-- section:{name} -->\n{r.get('stamp', '')} Command: "
+                   f"`{r.get('command', '?')}`, {r.get('seconds', 0):.0f} s. Load average at the "
+                   f"end: {r.get('load', float('nan')):.1f} on {os.cpu_count()} cores (the machine "
+                   f"is shared with other work).\n{body.strip()}\n<!-- /section:{name} -->")
         pattern = re.compile(rf"<!-- section:{name} -->.*?<!-- /section:{name} -->", re.S)
         text = pattern.sub(lambda _: section, text) if pattern.search(text) else \
             text.rstrip() + "\n\n" + section + "\n"
@@ -1204,14 +1225,18 @@ def main() -> int:
     parts = args.only or list(PARTS)
     command = "python bench/reliability.py" + "".join(f" --only {p}" for p in args.only or [])
     t0 = time.time()
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = results.setdefault("runs", {})
     if args.report_only:
-        results = json.loads(RESULTS.read_text())
-        write_report({p: PARTS[p][1](results[p]) for p in parts if p in results}, command)
+        done = [p for p in parts if p in results]
+        write_report({p: PARTS[p][1](results[p]) for p in done}, runs)
         print(f"wrote {RELIABILITY} from {RESULTS}", flush=True)
         return 0
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for part in parts:
+        t = time.time()
         results[part] = PARTS[part][0](args.smoke_test)
+        runs[part] = {"stamp": stamp(), "command": command, "seconds": time.time() - t,
+                      "load": os.getloadavg()[0]}
         if not args.smoke_test:  # kept part by part: a later failure loses nothing
             RESULTS.parent.mkdir(exist_ok=True)
             RESULTS.write_text(json.dumps(results, indent=1, default=str))
@@ -1221,7 +1246,7 @@ def main() -> int:
         for body in sections.values():
             print(body)
     else:
-        write_report(sections, command)
+        write_report(sections, runs)
         print(f"wrote {RELIABILITY}", flush=True)
     return 0
 

@@ -101,6 +101,9 @@ class TrainConfig:
     # "last": one target per window (its next vector); "all_steps": teacher forcing, every
     # position of the window's context is also a target (~L targets per forward, same windows).
     objective: Literal["last", "all_steps"] = "last"
+    # all_steps: only each window's last `step_targets` steps are targets (the GRU still reads the
+    # whole context), so long contexts (500, 1000) cost the loss no more than L=100 does.
+    step_targets: int = 100
     seed: int = 0
     device: str = "auto"
 
@@ -261,6 +264,8 @@ def validate(obj: Any) -> None:
             raise ConfigError("train.batch_size, micro_batch and max_epochs must be >= 1")
         if obj.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        if obj.step_targets < 1:
+            raise ConfigError("train.step_targets must be >= 1")
     elif isinstance(obj, LossConfig):
         if obj.temperature <= 0:
             raise ConfigError("loss.temperature must be > 0")

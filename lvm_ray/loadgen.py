@@ -177,7 +177,15 @@ def run_load(base_url: str, kinds: Sequence[Kind], *, concurrency: int, max_requ
             issued[0] += 1
             return True
 
+    crashed: list[BaseException] = []
+
     def client(i: int) -> None:
+        try:
+            run_client(i)
+        except BaseException as e:  # noqa: BLE001  a bug in a kind: re-raised after the join
+            crashed.append(e)
+
+    def run_client(i: int) -> None:
         rng = random.Random(seed * 100_003 + i)
         memory: dict = {}
         headers = {"content-type": "application/json"}
@@ -211,6 +219,8 @@ def run_load(base_url: str, kinds: Sequence[Kind], *, concurrency: int, max_requ
         th.start()
     for th in threads:
         th.join()
+    if crashed:
+        raise crashed[0]
     wall = time.perf_counter() - t_start
     stopped = "max_requests" if issued[0] >= max_requests else "max_seconds"
     records.sort(key=lambda r: r.start_s)

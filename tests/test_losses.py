@@ -166,3 +166,23 @@ def test_bank_negatives_mask_exactly_the_windows_context_and_target():
     np.testing.assert_array_equal(target[ends].numpy(), bank.vectors[ws.target_rows[idx]])
     loss, parts = lvm_loss(pred, target, cfg, negs, mask)
     assert np.isfinite(parts["infonce"]) and parts["infonce"] > 0
+
+
+def test_step_targets_keep_only_each_windows_last_steps():
+    from lvm_ray.config import ModelConfig, WindowConfig
+    from lvm_ray.data.synthetic import make_synthetic_bank
+    from lvm_ray.data.windows import make_windows
+    from lvm_ray.model import build_model
+    from lvm_ray.train.step import _rows_and_mask, to_batch
+
+    bank = make_synthetic_bank(n_docs=4, doc_len=(20, 30), dim=16, seed=1)
+    ws = make_windows(bank, "train", WindowConfig(context=10, min_context=2))
+    idx = np.array([0, 3, 40])  # windows shorter and longer than 3
+    b = to_batch(bank.vectors, ws, idx, torch.device("cpu"), all_steps=True, step_targets=3)
+    model = build_model(ModelConfig(d_in=16, hidden=8, layers=1, slots=0))
+    pred, target, negs, mask = _rows_and_mask(model, b, LossConfig(negatives="local"), None)
+    lengths = ws.lengths[idx]
+    assert len(pred) == int(np.minimum(lengths, 3).sum()) and negs is None
+    q = np.concatenate([np.arange(e - min(e - s, 3) + 1, e + 1)
+                        for s, e in zip(ws.start[idx], ws.end[idx])])
+    np.testing.assert_array_equal(target.numpy(), bank.vectors[ws.rows[q]])

@@ -200,3 +200,12 @@ def test_app_kinds_cover_every_input_form():
     assert kinds == {"predict_json", "predict_b64", "predict_texts", "predict_ids",
                      "session_open", "session_append"}
     assert "predict_texts" not in {k.name for k in app_kinds(8, 100, None)}
+
+
+def test_a_broken_request_kind_is_an_error_not_a_silent_short_run(stub_server):
+    def broken(rng, memory):
+        raise KeyError("no such body")
+
+    with pytest.raises(KeyError, match="no such body"):
+        run_load(stub_server, [Kind("broken", 1.0, broken)], concurrency=2, max_requests=10,
+                 max_seconds=60)

