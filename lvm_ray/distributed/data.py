@@ -18,9 +18,13 @@ from lvm_ray.data.ingest import IngestResult, finish_ingest, group_vectors, plan
 class EncodeBatch:
     """A Ray Data actor: loads the encoder once, then embeds batches of chunk texts."""
 
-    def __init__(self, encoder_cfg: EncoderConfig):
+    def __init__(self, encoder_cfg: EncoderConfig, threads: int = 1):
+        import torch
+
         from lvm_ray.data.encoders import get_encoder
 
+        # One intra-op thread per CPU the actor owns: oversubscribed OpenMP threads spin.
+        torch.set_num_threads(max(1, threads))
         self.encoder = get_encoder(encoder_cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -48,7 +52,8 @@ def ingest_with_ray(cfg: Config, out_path: str | Path, num_encoders: int | None 
     ], override_num_blocks=max(num_encoders, n // (batch_size * 8) or 1))
     encoded = ds.map_batches(
         EncodeBatch,
-        fn_constructor_kwargs={"encoder_cfg": cfg.encoder},
+        fn_constructor_kwargs={"encoder_cfg": cfg.encoder,
+                               "threads": max(1, cpus // num_encoders)},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_encoders),
         num_cpus=max(0.5, cpus / num_encoders) if cpus >= num_encoders else 1,
