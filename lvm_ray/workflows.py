@@ -26,7 +26,8 @@ def say(msg: str) -> None:
 
 
 def ensure_bank(cfg: Config, use_ray: bool = False) -> ConceptBank:
-    """Load cfg.bank_path, ingesting the corpus first if needed (cached, resumable)."""
+    """Load cfg.bank_path, ingesting the corpus first if needed (cached, resumable). With use_ray,
+    ingest embeds through Ray Data actors and the bank is read with ray.data.read_parquet."""
     from lvm_ray.data.ingest import ingest
 
     bank_path = Path(cfg.bank_path)
@@ -44,7 +45,12 @@ def ensure_bank(cfg: Config, use_ray: bool = False) -> ConceptBank:
         res = ingest(cfg.corpus, cfg.encoder, cfg.split, bank_path)
         say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
             f"({'reused' if res.reused else 'built'})")
-    bank = load_bank(bank_path)
+    if use_ray:
+        from lvm_ray.distributed.data import read_bank_with_ray
+
+        bank = read_bank_with_ray(bank_path)
+    else:
+        bank = load_bank(bank_path)
     check_split_disjoint(bank)
     return bank
 
@@ -73,7 +79,7 @@ def train_and_evaluate(cfg: Config, use_ray: bool = True, bank: ConceptBank | No
     write the run directory. Returns a summary dict."""
     from lvm_ray.eval.evaluate import evaluate_run
 
-    bank = bank if bank is not None else ensure_bank(cfg, use_ray=False)
+    bank = bank if bank is not None else ensure_bank(cfg, use_ray=use_ray)
     ws = prepare_windows(cfg, bank)
     t0 = time.perf_counter()
     if use_ray:

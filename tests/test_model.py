@@ -13,11 +13,11 @@ from lvm_ray.model import GRUModel, MemoryGRU, RecurrentState, build_model, coun
 
 D = 16
 VARIANTS = [
-    ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=2, slots=8, delta=True),
-    ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=2, slots=8, delta=False),
-    ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=1, slots=0, delta=True),
-    ModelConfig(kind="gru", d_in=D, hidden=24, layers=2, slots=0, delta=True),
-    ModelConfig(kind="gru", d_in=D, hidden=24, layers=1, slots=0, delta=False),
+    ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=2, slots=8, delta=True, anchor="last"),
+    ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=2, slots=8, delta=False, anchor="last"),
+    ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=1, slots=0, delta=True, anchor="last"),
+    ModelConfig(kind="gru", d_in=D, hidden=24, layers=2, slots=0, delta=True, anchor="last"),
+    ModelConfig(kind="gru", d_in=D, hidden=24, layers=1, slots=0, delta=False, anchor="last"),
     ModelConfig(kind="memory_gru", d_in=D, hidden=24, layers=2, slots=8, anchor="decay"),
     ModelConfig(kind="gru", d_in=D, hidden=24, layers=1, slots=0, anchor="decay"),
 ]
@@ -150,7 +150,8 @@ def test_bad_inputs_raise(kind):
 @pytest.mark.parametrize("kind", ["memory_gru", "gru"])
 def test_delta_init_starts_at_copy_last(kind):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(kind=kind, d_in=32, hidden=32, layers=2, slots=8)).eval()
+    model = build_model(ModelConfig(kind=kind, d_in=32, hidden=32, layers=2, slots=8,
+                                    anchor="last")).eval()
     x = _unit(8, 10, 32)
     with torch.no_grad():
         pred, _ = model(x)

@@ -106,3 +106,56 @@ def test_live_threshold_change():
 def test_bad_config_is_rejected(kw):
     with pytest.raises(ValueError):
         RoutingConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- lane rule
+
+
+def lane_doc(lane3_hit_rate: float) -> dict:
+    """A real lanes.json document (lvm_ray.eval.lanes) for 4 lanes of 200 seeded windows each:
+    lanes 0-2 hit half the time, lane 3 at `lane3_hit_rate`."""
+    import numpy as np
+
+    from lvm_ray.eval.lanes import Lanes, lane_document, lane_metrics
+
+    rng = np.random.default_rng(0)
+    target_lanes = np.repeat(np.arange(4), 200)
+    rates = np.array([0.5, 0.5, 0.5, lane3_hit_rate])[target_lanes]
+    hits = (rng.random(len(target_lanes)) < rates).astype(np.float64)
+    results = {"phase3": lane_metrics(hits, target_lanes, bootstrap=200, seed=0)}
+    return lane_document(results, "phase3", Lanes(np.arange(4), "corpus", {}), "test")
+
+
+def test_failing_lane_report_blocks_the_canary():
+    from lvm_ray.serve.routing import lane_failure, lane_summary
+
+    lanes = lane_summary(lane_doc(0.05))
+    assert lanes["canary_ok"] is False and "baselines" not in lanes
+    p = policy(threshold=10, canary_fraction=1.0)
+    p.set_canary_lanes(lanes)
+    assert p.canary_blocked.startswith("phase3 fails the lane rule: lane 3 Hit@5 0.0")
+    assert f"< threshold {lanes['threshold']:.3f}" in p.canary_blocked
+    assert "lane 0" not in lane_failure(lanes)
+    assert {p.route(11).reason for _ in range(50)} == {"canary_blocked"}
+    assert p.route(11).model == PHASE2 and p.state == "canary_blocked"
+    assert p.route(11, "phase3").model == PHASE3  # explicit requests still reach Phase-3
+    assert p.status()["canary_blocked"] == p.canary_blocked
+    p.configure(RoutingConfig(threshold=10, canary_fraction=0.0))  # no rollout: nothing to block
+    assert p.route(11).reason == "canary_skip" and p.state == "phase2_only"
+    # The override: canary traffic flows again, and the failure is still shown.
+    p.configure(RoutingConfig(threshold=10, canary_fraction=1.0, enforce_lane_rule=False))
+    assert p.canary_blocked is None and p.route(11).reason == "canary"
+    assert p.status()["lane_rule"] == {"enforced": False, "phase3_report_read": True,
+                                       "phase3_failure": lane_failure(lanes)}
+
+
+def test_passing_or_missing_lane_report_does_not_block():
+    from lvm_ray.serve.routing import lane_summary
+
+    passing = lane_summary(lane_doc(0.5))
+    assert passing["canary_ok"] is True
+    for lanes in (passing, None):  # None: no lanes.json, nothing to check
+        p = policy(threshold=10, canary_fraction=1.0)
+        p.set_canary_lanes(lanes)
+        assert p.canary_blocked is None and p.route(11).reason == "canary"
+        assert p.status()["lane_rule"]["phase3_failure"] is None

@@ -175,6 +175,11 @@ def test_health_models_status_and_docs(svc, assets):
                                  "text_input": True}
     status = ok(svc.http.get("/v1/status"))
     assert status["routing"]["state"] == "phase2_only" and status["routing"]["rolled_back"] is None
+    # No lanes.json in these checkpoints: no numbers, a reason, and nothing blocked.
+    for m in ("phase2", "phase3"):
+        assert status["models"][m]["lanes"] is None and models["models"][m]["lanes"] is None
+        assert "no lanes.json" in status["models"][m]["lanes_reason"]
+    assert status["routing"]["canary_blocked"] is None
     assert svc.http.get("/docs").status_code == 200
     spec = ok(svc.http.get("/openapi.json"))
     for path in ("/v1/predict", "/v1/sessions", "/v1/sessions/{session_id}/append",

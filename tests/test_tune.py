@@ -23,8 +23,9 @@ METRIC = "val_bank_hit@5"
 
 
 def base_config(tmp_path, **train):
-    """Tiny synthetic model; min_context 1 so a context of 1 is allowed."""
-    return load_config(None, ["smoke"], {
+    """Tiny synthetic model with the design's loss (alpha is what the sweeps vary); min_context 1
+    so a context of 1 is allowed."""
+    return load_config(None, ["smoke", "seed_loss"], {
         "window": {"context": 8, "min_context": 1, "stride": 1},
         "train": {"max_epochs": 3, "patience": 3, "max_train_windows": 1024, **train},
         "eval": {"bootstrap": 50},
@@ -53,7 +54,7 @@ def test_load_sweep_reads_tune_section_and_overrides(tmp_path):
 
 def test_defaults_are_the_issue_space_and_smoke_is_tiny():
     cfg, sweep = load_sweep()
-    assert sweep.contexts == (100, 250, 500, 1000) and sweep.alpha_range == (0.003, 0.3)
+    assert sweep.contexts == (100, 250, 500, 1000) and sweep.alpha_range == (0.03, 3.0)
     assert sweep.search == "random" and sweep.scheduler == "asha"
     cfg, smoke = load_sweep(smoke=True)
     assert cfg.corpus.source == "synthetic" and n_trials(smoke) <= 4

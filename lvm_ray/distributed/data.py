@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lvm_ray.config import Config, EncoderConfig
+from lvm_ray.data.bank import BankError, ConceptBank, check_schema, from_table
 from lvm_ray.data.ingest import IngestResult, finish_ingest, group_vectors, plan_ingest
 
 
@@ -43,12 +44,16 @@ def ingest_with_ray(cfg: Config, out_path: str | Path, num_encoders: int | None 
         return finish_ingest(plan, {})
     pending = plan.pending_chunks()
     n = len(pending["text"])
+    # Length-sorted, so each batch pads to similar lengths (sentence-transformers sorts inside
+    # one encode call; Ray Data batches would otherwise mix short and long sentences). Rows are
+    # put back in document order by group_vectors.
+    order = sorted(range(n), key=lambda i: len(pending["text"][i]))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     num_encoders = num_encoders or max(1, min(cpus, 8))
     batch_size = batch_size or cfg.encoder.batch_size
     ds = ray.data.from_items([
-        {"doc_id": d, "position": p, "text": t}
-        for d, p, t in zip(pending["doc_id"], pending["position"], pending["text"])
+        {"doc_id": pending["doc_id"][i], "position": pending["position"][i],
+         "text": pending["text"][i]} for i in order
     ], override_num_blocks=max(num_encoders, n // (batch_size * 8) or 1))
     encoded = ds.map_batches(
         EncodeBatch,
@@ -65,3 +70,26 @@ def ingest_with_ray(cfg: Config, out_path: str | Path, num_encoders: int | None 
         positions.extend(b["position"].tolist())
         vectors.append(np.asarray(b["vector"], dtype=np.float32))
     return finish_ingest(plan, group_vectors(doc_ids, positions, np.concatenate(vectors)))
+
+
+def read_bank_with_ray(path: str | Path) -> ConceptBank:
+    """The training job's read of the concept bank: `ray.data.read_parquet`, so the read runs as
+    Ray tasks on the cluster (any filesystem Ray Data reads). The schema is checked before any
+    value is read (no extension types: see check_schema), and rows are put back in concept_id
+    order, since read tasks may finish in any order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+
+    try:
+        schema = pq.read_schema(str(path))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BankError(f"{path}: not a readable Parquet concept bank: {e}") from e
+    check_schema(schema)
+    ds = ray.data.read_parquet(str(path))
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    if "concept_id" in table.column_names:
+        table = table.sort_by("concept_id")
+    # Ray Data keeps the columns, not the file's schema metadata (split and encoder provenance).
+    return from_table(table.replace_schema_metadata(schema.metadata))

@@ -53,8 +53,10 @@ class SweepConfig:
     storage_path: str | None = None  # None: the config's run.storage_path
     search: Literal["random", "grid"] = "random"
     contexts: tuple[int, ...] = (100, 250, 500, 1000)  # window.context values (always a grid)
-    alpha_range: tuple[float, ...] = (0.003, 0.3)  # random: loss.alpha ~ log-uniform(lo, hi)
-    alphas: tuple[float, ...] = (0.003, 0.03, 0.3)  # grid: loss.alpha values
+    # Around the default loss (InfoNCE weight 1 beside cosine 0.1); the design's loss (preset
+    # seed_loss: MSE 1, cosine 0.5) wants about 100x smaller values, e.g. [0.003, 0.3].
+    alpha_range: tuple[float, ...] = (0.03, 3.0)  # random: loss.alpha ~ log-uniform(lo, hi)
+    alphas: tuple[float, ...] = (0.03, 0.3, 3.0)  # grid: loss.alpha values
     num_samples: int = 2  # random: alpha draws per context; grid: repeats of the grid
     seed: int = 0  # seeds the alpha draws
     scheduler: Literal["asha", "fifo"] = "asha"
@@ -70,7 +72,7 @@ class SweepConfig:
 
 # What --smoke-test sweeps on top of the `smoke` config preset: 4 tiny trials, seconds each.
 SMOKE_SWEEP: dict[str, Any] = {
-    "name": "tune_smoke", "contexts": [2, 16], "num_samples": 2, "alpha_range": [0.003, 0.3],
+    "name": "tune_smoke", "contexts": [2, 16], "num_samples": 2, "alpha_range": [0.03, 3.0],
     "grace_period": 1, "cpus_per_worker": 1.0, "max_concurrent_trials": 2, "alpha_buckets": 2,
 }
 

@@ -34,7 +34,8 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from lvm_ray.serve.metrics import ModelMetrics, RouterMetrics
-from lvm_ray.serve.routing import MODELS, PHASE2, PHASE3, RoutingConfig, RoutingPolicy
+from lvm_ray.serve.routing import (MODELS, PHASE2, PHASE3, RoutingConfig, RoutingPolicy,
+                                   lane_summary)
 from lvm_ray.serve.schemas import (
     Context,
     PredictionOut,
@@ -113,6 +114,9 @@ class RouterUserConfig(BaseModel):
     max_context_vectors: int = Field(4096, ge=1)
     max_k: int = Field(50, ge=1)
     session_ttl_s: float = Field(3600.0, gt=0.0)
+    # The design's lane rule blocks canary traffic to a Phase-3 whose lanes.json fails it;
+    # false lets it through anyway (the status still shows the failure).
+    enforce_lane_rule: bool = True
 
     def routing(self) -> RoutingConfig:
         return RoutingConfig(**self.model_dump(include=set(RoutingConfig.__dataclass_fields__)))
@@ -169,6 +173,20 @@ def encoder_name_for_bank(bank_encoder: str | None, override: str | None) -> str
 # ----------------------------------------------------------------------------- model
 
 
+def _read_lanes(ckpt_dir: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint's lane summary, or None and why (never made-up numbers)."""
+    from lvm_ray.eval.lanes import LANES_JSON, lane_report
+
+    try:
+        report = lane_report(ckpt_dir)
+    except (OSError, ValueError) as e:  # a corrupt file must not keep the model from serving
+        return None, f"{LANES_JSON} in {ckpt_dir} is unreadable: {_short(e)}"
+    if report is None:
+        return None, (f"no {LANES_JSON} in {ckpt_dir}: the checkpoint was not evaluated with "
+                      "lanes, so the lane rule is not checked")
+    return lane_summary(report), None
+
+
 def _client_error(status: int, detail: str) -> dict[str, Any]:
     # Returned, not raised: a client's bad input is an answer, not a replica failure.
     return {"error": detail, "status": status}
@@ -195,6 +213,7 @@ class ModelServer:
         self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
         self.metrics = ModelMetrics()
         self.user = ModelUserConfig()
+        self.lanes, self.lanes_reason = _read_lanes(ckpt_dir)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.user = ModelUserConfig.model_validate(user_config or {})
@@ -211,6 +230,7 @@ class ModelServer:
                 "model_config": i["model_config"], "epoch": i["epoch"],
                 "val_metrics": i["metrics"], "test_metrics": i["test_metrics"],
                 "bank_size": i["bank_size"], "bank_encoder": self.predictor.bank.meta.get("encoder"),
+                "lanes": self.lanes, "lanes_reason": self.lanes_reason,
                 "user_config": self.user.model_dump(),
                 "replica": serve.get_replica_context().replica_tag}
 
@@ -460,7 +480,22 @@ class Router:
             self.metrics.rollbacks.inc(tags={"reason": rb.reason})
             self.metrics.rolled_back.set(1)
 
-    def _route(self, n: int, explicit: str | None):
+    async def _infos(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """info() of each model; Phase-3's lane report also goes to the routing policy."""
+        infos = await asyncio.gather(*(self.handles[n].info.remote() for n in names),
+                                     return_exceptions=True)
+        out = {n: (i if not isinstance(i, BaseException) else {"error": _short(i)})
+               for n, i in zip(names, infos)}
+        if "lanes" in out.get(PHASE3, {}):
+            self.policy.set_canary_lanes(out[PHASE3]["lanes"])
+        return out
+
+    async def _route(self, n: int, explicit: str | None):
+        if explicit is None and n > self.user.threshold and not self.policy.lanes_read:
+            # The first long context waits for Phase-3's lane report (once per router replica,
+            # whose Phase-3 checkpoint is fixed; /v1/status and /v1/models refresh it). If
+            # Phase-3 does not answer, the request is routed unchecked and the next one retries.
+            await self._infos([PHASE3])
         try:
             r = self.policy.route(n, explicit)
         except ValueError as e:
@@ -501,20 +536,27 @@ class Router:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        """What is deployed: each model's checkpoint, context length and test metrics."""
-        names = list(self.handles)
-        infos = await asyncio.gather(*(self.handles[n].info.remote() for n in names),
-                                     self.encoder.info.remote(), return_exceptions=True)
-        out = {n: (i if not isinstance(i, BaseException) else {"error": _short(i)})
-               for n, i in zip(names, infos)}
-        enc = infos[-1]
-        return {"models": out,
-                "encoder": enc if not isinstance(enc, BaseException) else {"error": _short(enc)}}
+        """What is deployed: each model's checkpoint, context length, test metrics and lanes."""
+        enc = self.encoder.info.remote()  # in flight while the models answer
+        out = await self._infos(list(self.handles))
+        try:
+            enc = await enc
+        except Exception as e:  # noqa: BLE001  shown, not raised: the models still answer
+            enc = {"error": _short(e)}
+        return {"models": out, "encoder": enc}
 
     @api.get("/v1/status")
     async def status(self) -> dict[str, Any]:
-        """This router replica's routing state: rollout, rolling Phase-3 stats, rollbacks."""
-        return {"routing": self.policy.status(), "user_config": self.user.model_dump(),
+        """This router replica's routing state: rollout, rolling Phase-3 stats, rollbacks, the
+        lane rule, and each model's per-lane Hit@5 and lane verdict."""
+        infos = await self._infos(list(self.handles))
+        models = {n: ({"error": i["error"]} if "error" in i else
+                      {"checkpoint": i["checkpoint"], "fingerprint": i["fingerprint"],
+                       "lanes": i["lanes"], "lanes_reason": i["lanes_reason"],
+                       "lane_rule_ok": i["lanes"]["canary_ok"] if i["lanes"] else None})
+                  for n, i in infos.items()}
+        return {"routing": self.policy.status(), "models": models,
+                "user_config": self.user.model_dump(),
                 "replica": serve.get_replica_context().replica_tag}
 
     @api.post("/v1/noop")
@@ -538,7 +580,7 @@ class Router:
         req, ctx = await self._parse(request, PredictRequest)
         timings = {"decode": ctx.decode_ms}
         await self._vectors(ctx, timings)
-        r = self._route(ctx.n, req.model)
+        r = await self._route(ctx.n, req.model)
         out, call_ms = await self._call(r.model, "predict", ctx.vectors,
                                         ctx.concept_ids, req.k, req.return_vector)
         timings.update(model=out["model_ms"], model_call=call_ms,
@@ -555,7 +597,7 @@ class Router:
     async def _open(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
         req, ctx = await self._parse(request, SessionOpenRequest, required=False)
-        r = self._route(ctx.n if ctx else 0, req.model)
+        r = await self._route(ctx.n if ctx else 0, req.model)
         # The checkpoint fingerprint is taken from the first append: an empty session has no
         # state yet, so any checkpoint of its model may start it.
         state = SessionState.new(r.model, fingerprint="")

@@ -10,6 +10,10 @@ decides on what it observes itself.
   `p95_limit_ms` or an error rate above `error_rate_limit` rolls back: every routed request goes
   to Phase-2 until an operator re-arms the rollout by changing `canary_fraction` or `rollout_id`
   in the router's user_config.
+- Lane rule (the design's canary rule, lvm_ray.eval.lanes): when Phase-3's lanes.json says some
+  lane's Hit@5 sits more than 20% below the mean over lanes, no canary traffic goes to it (route
+  `canary_blocked`) while `enforce_lane_rule` is on. A checkpoint without lanes.json is not
+  blocked: there is nothing to check, and the status says so.
 - A request or session that names its model explicitly is served by that model (no rollout).
 """
 
@@ -19,7 +23,7 @@ import random
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -36,6 +40,7 @@ class RoutingConfig:
     window: int = 200  # Phase-3 calls the guardrail looks at
     min_samples: int = 20  # no verdict on fewer calls
     rollout_id: str = ""  # a new value re-arms the rollout after a rollback
+    enforce_lane_rule: bool = True  # False: canary traffic reaches a Phase-3 that fails it
 
     def __post_init__(self) -> None:
         if self.threshold < 0:
@@ -51,7 +56,7 @@ class RoutingConfig:
 @dataclass(frozen=True)
 class Route:
     model: str
-    reason: str  # short | canary | canary_skip | rolled_back | explicit
+    reason: str  # short | canary | canary_skip | rolled_back | canary_blocked | explicit
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,36 @@ class Rollback:
     p95_ms: float
     error_rate: float
     samples: int
+
+
+LANE_KEYS = ("k", "split", "source", "rule", "lanes", "average", "threshold", "canary_ok",
+             "canary_confident_fail", "overall")
+
+
+def lane_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What Serve shows of a lanes.json (lvm_ray.eval.lanes.lane_report): the model's per-lane
+    Hit@k rows {lane, n, hit, lo, hi, below_threshold}, average, threshold, verdict, source and
+    rule; the baselines and lane labels stay in the file."""
+    if report is None:
+        return None
+    return {key: report.get(key) for key in LANE_KEYS}
+
+
+def lane_failure(lanes: dict[str, Any] | None) -> str | None:
+    """Why a lane summary fails the canary rule, or None when it passes or is absent. Only an
+    explicit canary_ok false fails: a missing verdict is not invented."""
+    if lanes is None or lanes.get("canary_ok") is not False:
+        return None
+    k, thr = lanes.get("k", 5), lanes.get("threshold")
+    below = [r for r in lanes.get("lanes") or [] if r.get("below_threshold")]
+    if not below or thr is None:
+        return "lanes.json says canary_ok false"
+    parts = []
+    for r in sorted(below, key=lambda r: r["hit"]):
+        ci = f" [{r['lo']:.3f}, {r['hi']:.3f}]" if r.get("lo") is not None else ""
+        parts.append(f"lane {r['lane']} Hit@{k} {r['hit']:.3f}{ci} < threshold {thr:.3f}")
+    avg = lanes.get("average")
+    return "; ".join(parts) + (f" (mean over lanes {avg:.3f})" if avg is not None else "")
 
 
 class RoutingPolicy:
@@ -73,6 +108,20 @@ class RoutingPolicy:
         self.rolled_back: Rollback | None = None
         self.history: deque[Rollback] = deque(maxlen=20)
         self.decisions: dict[str, int] = {}
+        self.phase3_lane_failure: str | None = None  # from Phase-3's lanes.json
+        self.lanes_read = False  # whether Phase-3's lanes.json (or its absence) was read
+
+    def set_canary_lanes(self, lanes: dict[str, Any] | None) -> None:
+        """Phase-3's lane summary (None: its checkpoint has no lanes.json)."""
+        self.phase3_lane_failure = lane_failure(lanes)
+        self.lanes_read = True
+
+    @property
+    def canary_blocked(self) -> str | None:
+        """Why canary traffic is held back by the lane rule, or None."""
+        if self.phase3_lane_failure is None or not self.cfg.enforce_lane_rule:
+            return None
+        return f"phase3 fails the lane rule: {self.phase3_lane_failure}"
 
     def configure(self, cfg: RoutingConfig) -> None:
         """Apply a new config live; a changed rollout (fraction or id) re-arms after a rollback."""
@@ -88,6 +137,8 @@ class RoutingPolicy:
         if self.rolled_back is not None:
             return "rolled_back"
         f = self.cfg.canary_fraction
+        if f > 0.0 and self.canary_blocked is not None:
+            return "canary_blocked"
         return "phase2_only" if f == 0.0 else "full" if f == 1.0 else "canary"
 
     def route(self, n_vectors: int, explicit: str | None = None) -> Route:
@@ -100,6 +151,8 @@ class RoutingPolicy:
             r = Route(PHASE2, "short")
         elif self.rolled_back is not None:
             r = Route(PHASE2, "rolled_back")
+        elif self.cfg.canary_fraction > 0.0 and self.canary_blocked is not None:
+            r = Route(PHASE2, "canary_blocked")
         elif self._rng.random() < self.cfg.canary_fraction:
             r = Route(PHASE3, "canary")
         else:
@@ -145,4 +198,7 @@ class RoutingPolicy:
             "rolled_back": asdict(self.rolled_back) if self.rolled_back else None,
             "rollbacks": [asdict(r) for r in self.history],
             "decisions": dict(self.decisions),
+            "canary_blocked": self.canary_blocked,
+            "lane_rule": {"enforced": self.cfg.enforce_lane_rule, "phase3_report_read": self.lanes_read,
+                          "phase3_failure": self.phase3_lane_failure},
         }
