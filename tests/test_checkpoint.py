@@ -82,3 +82,21 @@ def test_overwrite_replaces_atomically(tmp_path):
     save_checkpoint(tmp_path / "ck", m2, CFG, epoch=1, metrics={})
     assert read_meta(tmp_path / "ck")["epoch"] == 1
     assert json.loads((tmp_path / "ck" / "checkpoint.json").read_text())["format"] == 1
+
+
+def test_checkpoint_from_before_the_anchor_field_keeps_its_meaning(tmp_path):
+    """Checkpoints written before model.anchor existed were trained with anchor "last"; the later
+    default ("decay") must not change what they compute."""
+    cfg = ModelConfig(d_in=16, hidden=16, layers=1, slots=4, anchor="last")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    path = save_checkpoint(tmp_path / "old", model, cfg, epoch=0, metrics={})
+    meta_file = path / "checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["model_config"]["anchor"]
+    meta_file.write_text(json.dumps(meta))
+    assert ModelConfig().anchor == "decay"
+    loaded = load_checkpoint(path)
+    assert loaded.model_config.anchor == "last"
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(model(x)[0], loaded.model(x)[0], atol=0, rtol=0)

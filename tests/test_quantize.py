@@ -28,9 +28,10 @@ def _model(cfg=CFG):
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
-@pytest.mark.parametrize("anchor", ["last", "decay"])
-def test_quantized_copy_is_close_and_leaves_original_alone(precision, anchor):
-    model = _model(ModelConfig(**{**CFG.__dict__, "anchor": anchor}))
+@pytest.mark.parametrize("kind,anchor", [("memory_gru", "last"), ("memory_gru", "decay"),
+                                         ("gru", "decay")])
+def test_quantized_copy_is_close_and_leaves_original_alone(precision, kind, anchor):
+    model = _model(ModelConfig(**{**CFG.__dict__, "kind": kind, "anchor": anchor}))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     q = quantize_model(model, precision)
     x = _unit(4, 30, D)

@@ -125,11 +125,20 @@ def is_valid_checkpoint(path: str | Path) -> bool:
         return False
 
 
+# Model fields added after checkpoints existed, with the value those checkpoints were trained with
+# (a later change of the default must not change what an old checkpoint means).
+LEGACY_MODEL_DEFAULTS = {"anchor": "last"}
+
+
+def _with_defaults_of_their_time(model_config: dict) -> dict:
+    return {**LEGACY_MODEL_DEFAULTS, **model_config}
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the model from the checkpoint's own config and load its weights (no pickle)."""
     path = Path(path)
     meta = read_meta(path)
-    model_cfg = from_dict(ModelConfig, meta["model_config"])
+    model_cfg = from_dict(ModelConfig, _with_defaults_of_their_time(meta["model_config"]))
     model = build_model(model_cfg)
     state = load_file(str(path / WEIGHTS), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
