@@ -75,6 +75,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_running(app_names: set[str], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status for n in app_names if n in apps}
+        failed = {n: apps[n].message for n, st in states.items() if st == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"Serve deploy failed: {failed}")
+        if len(states) == len(app_names) and set(states.values()) == {"RUNNING"}:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve applications {sorted(app_names)} not running after {timeout_s} s")
+
+
 class Service:
     def __init__(self, assets, port: int):
         self.assets = assets
@@ -101,7 +117,10 @@ class Service:
                                {"name": "Phase3Model", "user_config": model_uc["phase3"]}]}
         others = [] if name == APP else [self.current]
         cfg = ServeDeploySchema.model_validate({"applications": others + [app]})
-        _get_global_client().deploy_apps(cfg, _blocking=True)
+        # Not _blocking=True: Ray waits a fixed 60 s for it, which a loaded 2-core machine can
+        # exceed (replicas import torch and load checkpoints); a failed deploy still fails fast.
+        _get_global_client().deploy_apps(cfg)
+        wait_until_running({a.name for a in cfg.applications}, timeout_s=300)
         if name == APP:
             self.current = app
         # deploy_apps returns as soon as the app reports RUNNING, which the previous version
