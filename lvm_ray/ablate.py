@@ -53,6 +53,11 @@ ROWS: tuple[Row, ...] = (
     Row("ctx1000", "context 1000", {"window": {"context": 1000}}),
     Row("stream", "stream windows (cross documents inside a split)",
         {"window": {"policy": "stream"}}),
+    Row("longer", "longer training: 4x the windows per epoch, up to 12 epochs",
+        {"train": {"max_train_windows": 4096, "max_epochs": 12}}),
+    Row("longer_reg", "longer training, regularised: dropout 0.2, weight decay 0.01, lr 5e-4",
+        {"train": {"max_train_windows": 4096, "max_epochs": 12, "lr": 5e-4,
+                   "weight_decay": 0.01}, "model": {"dropout": 0.2}}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
