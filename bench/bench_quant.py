@@ -125,9 +125,9 @@ def timings(models: dict, history: np.ndarray, long_ctx: np.ndarray, rounds: int
 def measure(label: str, model, cfg, args, quality: bool) -> dict:
     """Timings (and, for a trained checkpoint, test metrics) of one model at every precision."""
     from lvm_ray.eval.metrics import evaluate, l2n
-    from lvm_ray.quantize import PRECISIONS, quantize_model
-    from lvm_ray.train.step import predict_windows
-    from lvm_ray.workflows import ensure_bank, prepare_windows
+    from lvm_ray.eval.predict import predict_windows
+    from lvm_ray.model.quantize import PRECISIONS, quantize_model
+    from lvm_ray.workflows.prepare import ensure_bank, prepare_windows
 
     models = {p: quantize_model(model, p) for p in PRECISIONS}
     if quality:
@@ -154,7 +154,7 @@ def describe(cfg) -> str:
 
 
 def report(sizes: list[dict], args) -> str:
-    from lvm_ray.quantize import PRECISIONS
+    from lvm_ray.model.quantize import PRECISIONS
 
     def ms(r, p, k):
         return 1e3 * r["timings_s"][p][k]["cpu"]

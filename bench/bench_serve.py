@@ -16,7 +16,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -32,18 +31,14 @@ import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, markdown_table, write_section  # noqa: E402
-from lvm_ray.loadgen import percentiles  # noqa: E402
+from harness.floor import floor_app  # noqa: E402
+from harness.loadgen import percentiles  # noqa: E402
+from harness.net import free_port  # noqa: E402
 from lvm_ray.serve.schemas import encode_b64  # noqa: E402
 from lvm_ray.serve.sessions import SessionState  # noqa: E402
 
 LENGTHS = (100, 500, 1000)
 CONCURRENCY = (1, 16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -231,6 +226,8 @@ class Bench:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         serve.start(http_options=self.config["http_options"])
         deploy(self.config)
+        # Serve's floor: the same topology (proxy -> ingress -> model), no lvm_ray work.
+        serve.run(floor_app(), name="floor", route_prefix="/floor")
         self.handles = {m: serve.get_deployment_handle(f"Phase{m[-1]}Model", self.app_name)
                         for m in ("phase2", "phase3")}
 
@@ -264,7 +261,7 @@ class Bench:
         print("floor", flush=True)
         for conc in CONCURRENCY:
             for hops in ("router", "model"):
-                res = run_http(f"/v1/noop?hops={hops}", b"{}", conc,
+                res = run_http(f"/floor/noop?hops={hops}", b"{}", conc,
                                self.n(200 if conc == 1 else 480), self.port, self.max_s)
                 self.record(f"no-op ({hops})", "http", conc, res)
 
@@ -385,8 +382,10 @@ class Bench:
             for path, port in (("http TO", self.port), ("direct TO", direct)):
                 if port is None:
                     continue
-                res = run_http("/v1/noop?hops=model", b"{}", 1, self.n(200), port, self.max_s)
-                self.record("no-op (model)", path, 1, res)
+                if path == "http TO":  # the floor app has no direct-ingress port of its own
+                    res = run_http("/floor/noop?hops=model", b"{}", 1, self.n(200), port,
+                                   self.max_s)
+                    self.record("no-op (model)", path, 1, res)
                 for L in (100, 1000):
                     url, body = self.session(L, port)
                     res = run_http(url, body, 1, self.n(200), port, self.max_s)

@@ -46,8 +46,8 @@ def main() -> None:
     from lvm_ray.data.bank import load_bank
     from lvm_ray.data.synthetic import make_synthetic_bank
     from lvm_ray.distributed.trainer import train_with_ray
-    from lvm_ray.train.step import fit_local
-    from lvm_ray.workflows import prepare_windows
+    from lvm_ray.train.loop import fit_local
+    from lvm_ray.workflows.prepare import prepare_windows
 
     tmp = Path(tempfile.mkdtemp(prefix="lvm_bench_"))
     if Path(args.bank).exists():

@@ -4,6 +4,7 @@ Every command takes the same config arguments: --config FILE, --preset NAME (rep
 first), --set section.key=value (repeatable, applied last) and --smoke-test (a tiny synthetic run
 that finishes in seconds). jobs/*.py are thin wrappers around these commands so that
 `python jobs/train.py ...` and `ray job submit ... -- python jobs/train.py ...` behave alike.
+Each command imports its workflow when it runs, so `lvm --help` loads neither Ray nor torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lvm_ray.config import PRESETS, Config, ConfigError, deep_update, load_config, parse_override
+from lvm_ray.config import (PRESETS, Config, ConfigError, deep_update, load_config, merge,
+                            parse_overrides)
+from lvm_ray.distributed.runtime import init_ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,32 +37,22 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="tiny synthetic run that finishes in seconds")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    presets = (["smoke"] if args.smoke_test else []) + list(args.preset)
-    overrides: dict[str, Any] = {}
-    for text in args.overrides:
-        deep_update(overrides, parse_override(text))
-    return load_config(args.config, presets, overrides)
+def presets_of(args: argparse.Namespace) -> list[str]:
+    return (["smoke"] if args.smoke_test else []) + list(args.preset)
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster a job was submitted to (RAY_ADDRESS), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        # The dashboard (bound to 127.0.0.1) also serves the state API Ray Train polls.
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    """Defaults, --preset, --config, then --set; `extra` (other flags) last."""
+    overrides = parse_overrides(args.overrides)
+    deep_update(overrides, extra or {})
+    return load_config(args.config, presets_of(args), overrides)
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from lvm_ray.workflows import ensure_bank
+    from lvm_ray.workflows.prepare import ensure_bank
 
     cfg = config_from_args(args)
     if args.ray:
@@ -71,12 +64,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lvm_ray.workflows import train_and_evaluate
+    from lvm_ray.workflows.train import train_and_evaluate
 
     cfg = config_from_args(args)
     if args.workers is not None:
-        from lvm_ray.config import merge
-
         cfg = merge(cfg, {"scaling": {"num_workers": args.workers}})
     if not args.local:
         init_ray()
@@ -87,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lvm_ray.eval.evaluate import evaluate_checkpoints
+    from lvm_ray.workflows.evaluate import evaluate_checkpoints
 
     cfg = config_from_args(args)
     ckpts = {}
@@ -101,13 +92,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from lvm_ray.distributed.tune import run_tune
+    from lvm_ray.eval.report import summary_table
+    from lvm_ray.eval.sweep import objective_metric
+    from lvm_ray.workflows.sweep import run_sweep
 
-    return int(run_tune(args) or 0)
+    cfg = config_from_args(args, {"tune": {"name": args.name}} if args.name else None)
+    init_ray(args.num_cpus)
+    # A smoke test is meant to be rerun: it starts over unless asked to resume.
+    res = run_sweep(cfg, resume=args.resume,
+                    overwrite=args.overwrite or (args.smoke_test and not args.resume))
+    if res.status != "finished":
+        return 3
+    print((Path(res.sweep_dir) / "results.md").read_text())
+    if res.best is not None:
+        metric = objective_metric(cfg)
+        print(f"best: trial {res.best['trial_id']} context={res.best['context']} "
+              f"alpha={res.best['alpha']:.4g} {metric}={100 * res.best[metric]:.2f}%\n"
+              f"checkpoint: {res.best['checkpoint']}")
+    if res.test:
+        print("\ntest (best trial vs baselines, 95% CIs):\n" + summary_table(res.test))
+    print(f"\nsweep directory: {res.sweep_dir} ({res.seconds:.0f} s)")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lvm_ray.serve.app import run_config
+    from lvm_ray.serve.deploy import run_config
 
     init_ray()
     run_config(args.serve_config, blocking=True)
@@ -115,25 +124,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from lvm_ray.ablate import run_ablation
+    from lvm_ray.workflows.ablate import run_ablation
 
     cfg = config_from_args(args)
-    presets = (["smoke"] if args.smoke_test else []) + list(args.preset)
-    extra: dict[str, Any] = {}
-    for text in args.overrides:
-        deep_update(extra, parse_override(text))
     if args.ray:
         init_ray()
     rows = [r for r in (args.rows or "").split(",") if r] or None
     out = run_ablation(cfg, rows, args.out, use_ray=args.ray, config_path=args.config,
-                       presets=presets, extra=extra, force=args.force)
+                       presets=presets_of(args), extra=parse_overrides(args.overrides),
+                       force=args.force)
     print(out["table"])
     print(f"table: {out['out_dir']}/ablations.md")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lvm_ray.demo import run_demo
+    from lvm_ray.workflows.demo import run_demo
 
     return run_demo(quick=args.quick)
 
@@ -165,11 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("tune", help="sweep context length x InfoNCE alpha with Ray Tune "
-                                    "(objective: val Hit@5)")
+                                    "(objective: val Hit@5); the config's `tune:` section")
     add_config_args(p)
-    from lvm_ray.distributed.tune import add_tune_args
-
-    add_tune_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep (same config): finished trials are kept, "
+                        "unfinished and errored ones continue from their last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing sweep directory of the same name and start over")
+    p.add_argument("--name", help="sweep name (tune.name): the directory under the storage path")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("serve", help="deploy a Serve config (hybrid router) and serve until "

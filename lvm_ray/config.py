@@ -3,6 +3,9 @@
 One family of frozen dataclasses. YAML (or a dict) goes in through `from_dict`, which rejects
 unknown keys with the full dotted path, so a typo in a config file is an error, not a silent
 default. Defaults run on a laptop CPU; named presets give the design's sizes.
+
+Why this file is long: every field of every stage is declared here once, with its comment and
+its check, so a reader finds any setting in one place; the loader and presets are short.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ class ConfigError(ValueError):
     """A config file or dict is malformed (unknown key, wrong type, bad value)."""
 
 
+def require(ok: bool, message: str) -> None:
+    """The one way a config checks a value: every config dataclass calls it in __post_init__,
+    so a bad value is refused wherever the config is built (YAML, overrides or code)."""
+    if not ok:
+        raise ConfigError(message)
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     # "sotu" (embedded default), "folder" (.txt/.md files), "jsonl" ({id, title?, text}),
@@ -30,6 +40,10 @@ class CorpusConfig:
     max_docs: int | None = None  # take the first N documents in corpus order (demo subsets)
     sentences_per_chunk: int = 1
     max_chunk_chars: int = 400
+
+    def __post_init__(self) -> None:
+        require(self.sentences_per_chunk >= 1 and self.max_chunk_chars >= 1,
+                "corpus.sentences_per_chunk and max_chunk_chars must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,11 @@ class SplitConfig:
     test: float = 0.1
     salt: str = "lvm_ray"
 
+    def __post_init__(self) -> None:
+        total = self.train + self.val + self.test
+        require(min(self.train, self.val, self.test) >= 0 and abs(total - 1.0) <= 1e-6,
+                f"split fractions must be >= 0 and sum to 1, got {total}")
+
 
 @dataclass(frozen=True)
 class WindowConfig:
@@ -56,6 +75,11 @@ class WindowConfig:
     context: int = 100  # L: the longest context a window holds
     min_context: int = 2  # `document` windows may be shorter than L down to this
     stride: int = 1  # distance between consecutive targets
+
+    def __post_init__(self) -> None:
+        require(min(self.context, self.min_context, self.stride) >= 1,
+                "window.context, window.min_context and window.stride must be >= 1")
+        require(self.min_context <= self.context, "window.min_context must be <= window.context")
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,11 @@ class ModelConfig:
     # a_t = x_t + beta * a_{t-1} with a learned beta (a learned context-mean, still O(1) per step).
     # Default "decay": measured better than "last" on sotu (docs/results.md, ablation table).
     anchor: Literal["last", "decay"] = "decay"
+
+    def __post_init__(self) -> None:
+        require(min(self.d_in, self.hidden, self.layers) >= 1 and self.slots >= 0,
+                "model.d_in, hidden, layers must be >= 1 and slots >= 0")
+        require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,10 @@ class LossConfig:
     # out (the evaluation never ranks against it); "none": InfoNCE off.
     negatives: Literal["gathered", "local", "bank", "none"] = "gathered"
     bank_negatives: int = 4096
+
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, "loss.temperature must be > 0")
+        require(self.bank_negatives >= 1, "loss.bank_negatives must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -110,6 +143,12 @@ class TrainConfig:
     step_targets: int = 100
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(min(self.batch_size, self.micro_batch, self.max_epochs) >= 1,
+                "train.batch_size, micro_batch and max_epochs must be >= 1")
+        require(self.lr > 0, "train.lr must be > 0")
+        require(self.step_targets >= 1, "train.step_targets must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -140,6 +179,48 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """`lvm tune`: a sweep of context length x InfoNCE alpha (lvm_ray.distributed.tune)."""
+
+    name: str = "tune"  # sweep directory = <storage_path>/<name>
+    storage_path: str | None = None  # None: run.storage_path
+    search: Literal["random", "grid"] = "random"
+    contexts: tuple[int, ...] = (100, 250, 500, 1000)  # window.context values (always a grid)
+    # Around the default loss (InfoNCE weight 1 beside cosine 0.1); the design's loss (preset
+    # seed_loss: MSE 1, cosine 0.5) wants about 100x smaller values, e.g. [0.003, 0.3].
+    alpha_range: tuple[float, ...] = (0.03, 3.0)  # random: loss.alpha ~ log-uniform(lo, hi)
+    alphas: tuple[float, ...] = (0.03, 0.3, 3.0)  # grid: loss.alpha values
+    num_samples: int = 2  # random: alpha draws per context; grid: repeats of the grid
+    seed: int = 0  # seeds the alpha draws
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2
+    workers_per_trial: int = 1  # > 1: a TorchTrainer (DDP) inside each trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 2  # 0: as many as the resources allow
+    alpha_buckets: int = 3  # random search: lines in the plot, log-spaced alpha bins
+    evaluate_test: bool = True  # re-evaluate the best trial on test (CIs, baselines)
+
+    def __post_init__(self) -> None:
+        require(bool(self.contexts) and min(self.contexts) >= 1,
+                "tune.contexts must be a non-empty list of integers >= 1")
+        require(len(self.alpha_range) == 2 and 0 < self.alpha_range[0] < self.alpha_range[1],
+                f"tune.alpha_range must be [lo, hi] with 0 < lo < hi, got {list(self.alpha_range)}")
+        require(bool(self.alphas) and min(self.alphas) >= 0,
+                "tune.alphas must be a non-empty list of values >= 0")
+        require(self.num_samples >= 1 and self.grace_period >= 1 and self.reduction_factor >= 2,
+                "tune.num_samples and grace_period must be >= 1, reduction_factor >= 2")
+        # Ray refuses {"cpu": 0} for a trial (RAY_NOTES); use a small fraction instead.
+        require(self.workers_per_trial >= 1 and self.cpus_per_worker > 0
+                and self.gpus_per_worker >= 0,
+                "tune.workers_per_trial must be >= 1, cpus_per_worker > 0 and "
+                "gpus_per_worker >= 0")
+        require(self.max_concurrent_trials >= 0 and self.alpha_buckets >= 1,
+                "tune.max_concurrent_trials must be >= 0 and alpha_buckets >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -151,6 +232,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     bank_path: str = "data/bank.parquet"
 
 
@@ -222,9 +304,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
             f"valid keys{' under ' + path if path else ''}: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
-    obj = cls(**kwargs)
-    validate(obj)
-    return obj
+    return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -247,37 +327,6 @@ def deep_update(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def validate(obj: Any) -> None:
-    """Value checks that types alone cannot express."""
-    if isinstance(obj, SplitConfig):
-        total = obj.train + obj.val + obj.test
-        if min(obj.train, obj.val, obj.test) < 0 or abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"split fractions must be >= 0 and sum to 1, got {total}")
-    elif isinstance(obj, WindowConfig):
-        if obj.context < 1 or obj.min_context < 1 or obj.stride < 1:
-            raise ConfigError("window.context, window.min_context and window.stride must be >= 1")
-        if obj.min_context > obj.context:
-            raise ConfigError("window.min_context must be <= window.context")
-    elif isinstance(obj, ModelConfig):
-        if min(obj.d_in, obj.hidden, obj.layers) < 1 or obj.slots < 0:
-            raise ConfigError("model.d_in, hidden, layers must be >= 1 and slots >= 0")
-        if not 0.0 <= obj.dropout < 1.0:
-            raise ConfigError("model.dropout must be in [0, 1)")
-    elif isinstance(obj, TrainConfig):
-        if obj.batch_size < 1 or obj.micro_batch < 1 or obj.max_epochs < 1:
-            raise ConfigError("train.batch_size, micro_batch and max_epochs must be >= 1")
-        if obj.lr <= 0:
-            raise ConfigError("train.lr must be > 0")
-        if obj.step_targets < 1:
-            raise ConfigError("train.step_targets must be >= 1")
-    elif isinstance(obj, LossConfig):
-        if obj.temperature <= 0:
-            raise ConfigError("loss.temperature must be > 0")
-        if obj.bank_negatives < 1:
-            raise ConfigError("loss.bank_negatives must be >= 1")
-    elif isinstance(obj, CorpusConfig):
-        if obj.sentences_per_chunk < 1 or obj.max_chunk_chars < 1:
-            raise ConfigError("corpus.sentences_per_chunk and max_chunk_chars must be >= 1")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -325,6 +374,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "warmup_frac": 0.1, "max_eval_windows": 256},
         "eval": {"bootstrap": 100},
         "scaling": {"num_workers": 1},
+        # `lvm tune --smoke-test`: 4 tiny trials, seconds each.
+        "tune": {"name": "tune_smoke", "contexts": [2, 16], "num_samples": 2,
+                 "alpha_range": [0.03, 3.0], "grace_period": 1, "cpus_per_worker": 1.0,
+                 "max_concurrent_trials": 2, "alpha_buckets": 2},
         "bank_path": "runs/smoke/bank.parquet",
     },
 }
@@ -367,3 +420,31 @@ def parse_override(text: str) -> dict[str, Any]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
+
+
+def parse_overrides(texts: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Several `--set` values merged into one nested dict, later ones winning."""
+    out: dict[str, Any] = {}
+    for text in texts:
+        deep_update(out, parse_override(text))
+    return out
+
+
+_ABSENT = object()
+
+
+def config_diff(a: Any, b: Any, path: str = "") -> tuple[list[str], list[str]]:
+    """Compare two config dicts: (changed values, keys that the saved `a` lacks: fields added to
+    the code since it was written). Used to refuse resuming a run or sweep with other values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        changed, added = [], []
+        for k in sorted(set(a) | set(b)):
+            c, n = config_diff(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{path}.{k}" if path else k)
+            changed += c
+            added += n
+        return changed, added
+    if a is _ABSENT:
+        return [], [f"{path}={b!r}"]
+    if b is _ABSENT:
+        return [f"{path}: {a!r} -> (no longer a config key)"], []
+    return ([] if a == b else [f"{path}: {a!r} -> {b!r}"]), []

@@ -7,6 +7,9 @@ last `max_context` vectors (the context length the model was trained with). Incr
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,10 @@ import numpy as np
 import torch
 
 from lvm_ray.data.bank import ConceptBank, load_bank
+from lvm_ray.device import resolve_device
 from lvm_ray.model import RecurrentState
+from lvm_ray.model.quantize import Precision, quantize_model
 from lvm_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint
-from lvm_ray.train.step import resolve_device
 
 
 class PredictorInputError(ValueError):
@@ -176,10 +180,23 @@ class Predictor:
                  last[i]) for i in range(len(contexts))]
 
 
+def quantized_predictor(checkpoint: str | Path, bank: str | Path | ConceptBank,
+                        precision: Precision = "int8", max_context: int | None = None
+                        ) -> Predictor:
+    """A CPU Predictor whose model runs at `precision` (lvm_ray.model.quantize);
+    `predictor.precision` says which."""
+    ck = load_checkpoint(checkpoint)
+    ck = dataclasses.replace(ck, model=quantize_model(ck.model, precision))
+    bank = bank if isinstance(bank, ConceptBank) else load_bank(bank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized modules warn on .to(); the device is CPU
+        predictor = Predictor(ck, bank, device="cpu", max_context=max_context)
+    predictor.precision = precision
+    return predictor
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     """A JSON side file next to a checkpoint (e.g. test_metrics.json), if present and valid."""
-    import json
-
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except json.JSONDecodeError:

@@ -1,6 +1,12 @@
 """Shared fixtures. Ray tests share ONE session-scoped local Ray (RAY_NOTES: ~4 s to start)."""
 
 import os
+from pathlib import Path
+
+# Ray's worker processes inherit this: Serve replicas import harness.faults from the checkout.
+_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -32,3 +38,12 @@ def synthetic_bank():
     from lvm_ray.data.synthetic import make_synthetic_bank
 
     return make_synthetic_bank(n_docs=40, doc_len=(60, 100), dim=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Serve test assets (harness.service.make_assets): a 32-d bank with a text encoder and
+    three random-init checkpoints."""
+    from harness.service import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("serve"))

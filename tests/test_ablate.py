@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lvm_ray import ablate
+from lvm_ray.workflows import ablate
 from lvm_ray.cli import build_parser, config_from_args
 from lvm_ray.config import load_config
 

@@ -95,7 +95,7 @@ def test_ridge_recovers_a_linear_map():
     bank, r = rotation_bank(seed=5)
     wcfg = WindowConfig(context=8)
     train, val = make_windows(bank, "train", wcfg), make_windows(bank, "val", wcfg)
-    ridge = bl.fit_ridge(bank.vectors, train, m=1, lam=1e-3)
+    ridge = bl.Ridge(1, 1e-3, *bl.ridge_solve(*bl.ridge_stats(bank.vectors, train, m=1), 1e-3))
     np.testing.assert_allclose(ridge.w, r, atol=1e-3)
     np.testing.assert_allclose(ridge.b, 0, atol=1e-3)
     s = evaluate(ridge.predict(bank.vectors, val), val, bank, CFG)

@@ -332,8 +332,6 @@ def test_rayservice_serve_config_is_a_serve_deploy_config():
 
 
 def test_rayservice_serve_config_is_hybrid_yaml_verbatim():
-    if not SERVE_CONFIG.is_file():
-        pytest.skip("serve_configs/hybrid.yaml does not exist yet: nothing to compare with")
     serve_config = manifest("rayservice.yaml", "RayService")["spec"]["serveConfigV2"]
     assert serve_config == SERVE_CONFIG.read_text(), \
         "rayservice.yaml drifted from serve_configs/hybrid.yaml: python cluster/sync_rayservice.py"
@@ -400,12 +398,7 @@ def _config_problem(script: str, args: list[str]) -> str | None:
     if ns.config and not os.path.isabs(ns.config):
         ns.config = str(REPO / ns.config)
     try:
-        if script == "jobs/tune.py":
-            from lvm_ray.distributed.tune import sweep_from_args
-
-            sweep_from_args(ns)
-        else:
-            config_from_args(ns)
+        config_from_args(ns, {"tune": {"name": ns.name}} if ns.name else None)
     except ConfigError as e:
         return str(e)
     return None

@@ -1,6 +1,6 @@
 """The training smoke job submitted with `ray job submit` to a real head from `ray start --head`.
 
-The head (tests/ray_cluster_utils.py) runs with --block in its own process, session, ports and
+The head (harness/cluster.py) runs with --block in its own process, session, ports and
 --temp-dir, and is stopped by its pid.
 """
 
@@ -10,7 +10,7 @@ import json
 import uuid
 
 import pytest
-from ray_cluster_utils import start_head, submit_job, train_actors, wait_for_job
+from harness.cluster import start_head, submit_job, train_actors, wait_for_job
 
 pytestmark = pytest.mark.slow
 

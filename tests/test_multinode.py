@@ -13,7 +13,7 @@ import json
 import uuid
 
 import pytest
-from ray_cluster_utils import start_head, start_node, submit_job, train_actors, wait_for_job, \
+from harness.cluster import start_head, start_node, submit_job, train_actors, wait_for_job, \
     wait_until
 
 pytestmark = pytest.mark.slow

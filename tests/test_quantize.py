@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lvm_ray.config import ModelConfig
 from lvm_ray.model import build_model
-from lvm_ray.quantize import PRECISIONS, BF16Model, quantize_model
+from lvm_ray.model.quantize import PRECISIONS, BF16Model, quantize_model
 
 D = 32
 CFG = ModelConfig(kind="memory_gru", d_in=D, hidden=32, layers=2, slots=8)
@@ -73,7 +73,7 @@ def test_int8_quantizes_linear_and_gru():
 
 
 def test_quantized_predictor_from_checkpoint(tmp_path, synthetic_bank):
-    from lvm_ray.quantize import quantized_predictor
+    from lvm_ray.predictor import quantized_predictor
     from lvm_ray.train.checkpoint import save_checkpoint
 
     cfg = ModelConfig(kind="memory_gru", d_in=synthetic_bank.dim, hidden=16, layers=1, slots=4)

@@ -11,7 +11,7 @@ import pytest
 
 from lvm_ray.config import load_config
 from lvm_ray.data.synthetic import make_synthetic_bank
-from lvm_ray.workflows import prepare_windows
+from lvm_ray.workflows.prepare import prepare_windows
 
 pytestmark = pytest.mark.ray
 

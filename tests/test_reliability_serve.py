@@ -8,21 +8,19 @@ RELIABILITY.md, with small numbers. Nothing here asserts a latency: speed is rep
 """
 
 import http.server
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.reliability import (ServeTarget, http_bad_inputs, kill_replica_under_load,  # noqa: E402
-                               listening_hosts, load_levels)
-from lvm_ray.loadgen import (AppMix, Kind, Request, app_kinds, check_caps,  # noqa: E402
-                             check_loopback, percentiles, run_load)
-from test_serve_app import APP, KEY, Service, assets, free_port  # noqa: E402, F401
+from harness.loadgen import (AppMix, Kind, Request, app_kinds, check_caps, check_loopback,
+                             percentiles, run_load)
+from harness.net import free_port
+from harness.serve_faults import (ServeTarget, http_bad_inputs, kill_replica_under_load,
+                                  listening_hosts, load_levels)
+from harness.service import APP, KEY, PRODUCT_APP, Service
 
 # ----------------------------------------------------------------------------- the load generator
 
@@ -115,9 +113,10 @@ def test_failures_are_recorded_not_raised(stub_server):
     assert "ConnectError" in res.records[0].error
 
 
-def test_percentiles_match_numpy():
-    xs = list(np.random.default_rng(0).exponential(10, 1001))
-    assert percentiles(xs) == tuple(float(np.percentile(xs, q)) for q in (50, 95, 99))
+def test_percentiles_are_the_linear_interpolation_of_the_sorted_values():
+    xs = [float(v) for v in np.random.default_rng(0).permutation(np.arange(1, 102))]  # 1..101
+    assert percentiles(xs) == (51.0, 96.0, 100.0)  # rank q/100 * (n - 1) of the sorted values
+    assert percentiles([10.0, 20.0], (50, 75)) == (15.0, 17.5)
     assert all(np.isnan(v) for v in percentiles([]))
 
 
@@ -125,7 +124,7 @@ def test_percentiles_match_numpy():
 
 
 @pytest.fixture(scope="module")
-def target(ray_session, assets):  # noqa: F811  (the fixture imported from test_serve_app)
+def target(ray_session, assets):
     """The app deployed like serve_configs/hybrid.yaml: Serve started with a port and no host."""
     from ray import serve
 
@@ -133,7 +132,7 @@ def target(ray_session, assets):  # noqa: F811  (the fixture imported from test_
 
     serve.start(http_options={"port": free_port()})
     port = serve.context._get_global_client().http_config.port
-    svc = Service(assets, port)
+    svc = Service(assets, port, import_path=PRODUCT_APP)  # the product app itself
     svc.deploy()
     bank = assets["refs"]["phase2"].bank
     t = ServeTarget(f"http://127.0.0.1:{port}", bank.dim, len(bank),

@@ -9,21 +9,19 @@ RELIABILITY.md. These tests call the same functions with small numbers.
 """
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.reliability import (TrainSpec, compare, corrupt_and_resume,  # noqa: E402
-                               interrupted_checkpoint_writes, job_result,
-                               kill_driver_and_resubmit, submit, train_run)
-from lvm_ray.config import ModelConfig  # noqa: E402
-from lvm_ray.distributed.trainer import resume_checkpoint  # noqa: E402
-from lvm_ray.model import build_model  # noqa: E402
-from lvm_ray.train.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from harness.train_faults import (TrainSpec, compare, corrupt_and_resume,
+                                  interrupted_checkpoint_writes, job_result,
+                                  kill_driver_and_resubmit, submit, train_run)
+from lvm_ray.config import ModelConfig
+from lvm_ray.distributed.trainer import resume_checkpoint
+from lvm_ray.model import build_model
+from lvm_ray.train.checkpoint import CheckpointError, save_checkpoint
 
 CFG = ModelConfig(d_in=16, hidden=16, layers=1, slots=2)
 
@@ -71,7 +69,7 @@ def test_resume_checkpoint_refuses_a_registered_checkpoint_that_is_missing(tmp_p
 
 @pytest.mark.slow
 def test_killed_driver_resubmitted_job_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    from ray_cluster_utils import start_head
+    from harness.cluster import start_head
 
     spec = TrainSpec(tmp_path / "runs", tmp_path / "bank.parquet", epochs=5, docs=48)
     head, _, url = start_head(2)

@@ -5,17 +5,19 @@ import random
 
 import pytest
 
-from lvm_ray.serve.routing import PHASE2, PHASE3, RoutingConfig, RoutingPolicy
+from harness.service import lane_doc
+from lvm_ray.serve.config import RouterUserConfig
+from lvm_ray.serve.routing import PHASE2, PHASE3, RoutingPolicy
 
 
 def policy(**kw) -> RoutingPolicy:
-    return RoutingPolicy(RoutingConfig(**kw), rng=random.Random(0), clock=lambda: 123.0)
+    return RoutingPolicy(RouterUserConfig(**kw), rng=random.Random(0), clock=lambda: 123.0)
 
 
 def test_threshold_splits_short_and_long():
     p = policy(threshold=500, canary_fraction=1.0)
     assert p.route(1).model == PHASE2
-    assert p.route(500) == p.route(500) and p.route(500).reason == "short"
+    assert (p.route(500).model, p.route(500).reason) == (PHASE2, "short")  # threshold inclusive
     assert p.route(501).model == PHASE3 and p.route(501).reason == "canary"
     assert p.state == "full"
 
@@ -83,13 +85,13 @@ def test_rollback_is_sticky_until_rearmed():
     p.record(PHASE3, 50.0, ok=True)
     assert p.state == "rolled_back"
     # A new limit alone does not re-arm: the operator has not started a new rollout.
-    p.configure(RoutingConfig(canary_fraction=0.1, min_samples=1, window=1, p95_limit_ms=500))
+    p.configure(RouterUserConfig(canary_fraction=0.1, min_samples=1, window=1, p95_limit_ms=500))
     assert p.state == "rolled_back"
-    p.configure(RoutingConfig(canary_fraction=0.25, min_samples=1, window=1, p95_limit_ms=500))
+    p.configure(RouterUserConfig(canary_fraction=0.25, min_samples=1, window=1, p95_limit_ms=500))
     assert p.state == "canary"
     p.record(PHASE3, 600.0, ok=True)
     assert p.state == "rolled_back"
-    p.configure(RoutingConfig(canary_fraction=0.25, min_samples=1, window=1, p95_limit_ms=500,
+    p.configure(RouterUserConfig(canary_fraction=0.25, min_samples=1, window=1, p95_limit_ms=500,
                               rollout_id="retry-1"))
     assert p.state == "canary" and len(p.status()["rollbacks"]) == 2
 
@@ -97,7 +99,7 @@ def test_rollback_is_sticky_until_rearmed():
 def test_live_threshold_change():
     p = policy(threshold=500, canary_fraction=1.0)
     assert p.route(600).model == PHASE3
-    p.configure(RoutingConfig(threshold=800, canary_fraction=1.0))
+    p.configure(RouterUserConfig(threshold=800, canary_fraction=1.0))
     assert p.route(600).model == PHASE2
 
 
@@ -105,25 +107,10 @@ def test_live_threshold_change():
                                 {"min_samples": 10, "window": 5}, {"p95_limit_ms": 0}])
 def test_bad_config_is_rejected(kw):
     with pytest.raises(ValueError):
-        RoutingConfig(**kw)
+        RouterUserConfig(**kw)
 
 
 # ----------------------------------------------------------------------------- lane rule
-
-
-def lane_doc(lane3_hit_rate: float) -> dict:
-    """A real lanes.json document (lvm_ray.eval.lanes) for 4 lanes of 200 seeded windows each:
-    lanes 0-2 hit half the time, lane 3 at `lane3_hit_rate`."""
-    import numpy as np
-
-    from lvm_ray.eval.lanes import Lanes, lane_document, lane_metrics
-
-    rng = np.random.default_rng(0)
-    target_lanes = np.repeat(np.arange(4), 200)
-    rates = np.array([0.5, 0.5, 0.5, lane3_hit_rate])[target_lanes]
-    hits = (rng.random(len(target_lanes)) < rates).astype(np.float64)
-    results = {"phase3": lane_metrics(hits, target_lanes, bootstrap=200, seed=0)}
-    return lane_document(results, "phase3", Lanes(np.arange(4), "corpus", {}), "test")
 
 
 def test_failing_lane_report_blocks_the_canary():
@@ -140,10 +127,10 @@ def test_failing_lane_report_blocks_the_canary():
     assert p.route(11).model == PHASE2 and p.state == "canary_blocked"
     assert p.route(11, "phase3").model == PHASE3  # explicit requests still reach Phase-3
     assert p.status()["canary_blocked"] == p.canary_blocked
-    p.configure(RoutingConfig(threshold=10, canary_fraction=0.0))  # no rollout: nothing to block
+    p.configure(RouterUserConfig(threshold=10, canary_fraction=0.0))  # no rollout: nothing to block
     assert p.route(11).reason == "canary_skip" and p.state == "phase2_only"
     # The override: canary traffic flows again, and the failure is still shown.
-    p.configure(RoutingConfig(threshold=10, canary_fraction=1.0, enforce_lane_rule=False))
+    p.configure(RouterUserConfig(threshold=10, canary_fraction=1.0, enforce_lane_rule=False))
     assert p.canary_blocked is None and p.route(11).reason == "canary"
     assert p.status()["lane_rule"] == {"enforced": False, "phase3_report_read": True,
                                        "phase3_failure": lane_failure(lanes)}

@@ -137,14 +137,15 @@ def test_no_loader_in_lvm_ray_can_unpickle():
 
 
 def test_request_caps_are_configured_and_enforced():
-    from lvm_ray.serve.app import RouterUserConfig
+    from lvm_ray.config import from_dict
+    from lvm_ray.serve.config import RouterUserConfig
     from lvm_ray.serve.schemas import ContextIn, RequestError, decode_context
 
     router = next(d for d in yaml.safe_load((REPO / "serve_configs/hybrid.yaml").read_text())
                   ["applications"][0]["deployments"] if d["name"] == "Router")["user_config"]
     for key in ("max_body_bytes", "max_context_vectors", "max_k", "session_ttl_s"):
         assert key in router, f"hybrid.yaml does not set the router's {key}"
-    uc = RouterUserConfig.model_validate(router)
+    uc = from_dict(RouterUserConfig, router)
     assert uc.max_body_bytes <= 64 * 1024 * 1024 and uc.max_context_vectors <= 16384
     with pytest.raises(ValueError):
         RouterUserConfig(max_body_bytes=10)  # a cap cannot be switched off by a tiny value
@@ -157,13 +158,13 @@ def test_request_caps_are_configured_and_enforced():
 def test_cli_local_ray_binds_the_dashboard_to_loopback(monkeypatch):
     import ray
 
-    from lvm_ray import cli
+    from lvm_ray.distributed.runtime import init_ray
 
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    cli.init_ray()
+    init_ray()
     assert seen.get("dashboard_host") == "127.0.0.1"
 
 

@@ -11,7 +11,8 @@ from ray._common.utils import import_attr
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from lvm_ray.serve.app import AppArgs, ModelUserConfig, RouterUserConfig
+from lvm_ray.config import from_dict
+from lvm_ray.serve.config import AppArgs, ModelUserConfig, RouterUserConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "serve_configs").glob("*.yaml"))
@@ -51,7 +52,7 @@ def test_autoscaling_and_user_configs(path):
                 assert 1 <= ac.min_replicas <= ac.max_replicas, dep["name"]
                 assert "num_replicas" not in dep or dep["num_replicas"] == "auto"
             if "user_config" in dep:
-                USER_CONFIGS[dep["name"]].model_validate(dep["user_config"])
+                from_dict(USER_CONFIGS[dep["name"]], dep["user_config"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -74,7 +75,7 @@ def test_import_path_builds(path):
     from ray.serve._private.build_app import build_app
 
     for app in load(path)["applications"]:
-        AppArgs.model_validate(app.get("args", {}))
+        from_dict(AppArgs, app.get("args", {}))
         builder = import_attr(app["import_path"])
         built = build_app(call_user_app_builder_with_args_if_necessary(builder, app.get("args", {})),
                           name=app["name"])
@@ -89,7 +90,7 @@ def test_python_deploy_applies_the_same_options(path):
     the same deployment options there."""
     from ray.serve._private.build_app import build_app
 
-    from lvm_ray.serve.app import app_from_config
+    from lvm_ray.serve.deploy import app_from_config
 
     for app in load(path)["applications"]:
         built = {d.name: d for d in build_app(app_from_config(app), name=app["name"]).deployments}
@@ -111,27 +112,27 @@ def test_hybrid_defaults_point_at_the_demo():
     assert args == {"phase2_checkpoint": "runs/demo/phase2/best",
                     "phase3_checkpoint": "runs/demo/phase3/best",
                     "bank": "data/sotu_demo_bank.parquet"}
-    assert AppArgs() == AppArgs.model_validate(args)
+    assert AppArgs() == from_dict(AppArgs, args)
 
 
 def test_unknown_keys_are_errors():
     with pytest.raises(ValueError, match="phase2_ckpt"):
-        AppArgs.model_validate({"phase2_ckpt": "x"})
+        from_dict(AppArgs, {"phase2_ckpt": "x"})
     with pytest.raises(ValueError, match="canary"):
-        RouterUserConfig.model_validate({"canary": 0.5})
+        from_dict(RouterUserConfig, {"canary": 0.5})
     with pytest.raises(ValueError):
-        RouterUserConfig.model_validate({"canary_fraction": 2.0})
+        from_dict(RouterUserConfig, {"canary_fraction": 2.0})
     with pytest.raises(ValueError):
-        ModelUserConfig.model_validate({"max_batch_size": 0})
+        from_dict(ModelUserConfig, {"max_batch_size": 0})
 
 
 def test_router_user_config_cross_field_rules():
     with pytest.raises(ValueError, match="min_samples"):
-        RouterUserConfig.model_validate({"window": 5, "min_samples": 10})
+        from_dict(RouterUserConfig, {"window": 5, "min_samples": 10})
 
 
 def test_uri_args_are_fetched_once_into_a_cache(tmp_path):
-    from lvm_ray.serve.app import localize
+    from lvm_ray.storage import localize
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

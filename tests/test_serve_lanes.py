@@ -2,27 +2,23 @@
 checkpoint's lanes.json holds it, and a Phase-3 that fails the rule gets no canary traffic until
 the router's `enforce_lane_rule: false` overrides it.
 
-The app is the one test_serve_app.py deploys (its fixtures and Service), with a lanes.json
+The app is the one test_serve_app.py deploys (harness.service), with a lanes.json
 written into each checkpoint first: Phase-2 passes the rule, Phase-3's lane 3 fails it.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_routing import lane_doc  # noqa: E402
-from test_serve_app import Service, assets, free_port, ok, unit  # noqa: E402, F401
-
-from lvm_ray.serve.schemas import encode_b64  # noqa: E402
+from harness.net import free_port
+from harness.service import Service, lane_doc, ok, unit
+from lvm_ray.serve.schemas import encode_b64
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def svc(ray_session, assets):  # noqa: F811  (the fixture imported from test_serve_app)
+def svc(ray_session, assets):
     from ray import serve
 
     from lvm_ray.eval.lanes import write_lanes

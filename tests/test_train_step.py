@@ -10,10 +10,11 @@ from lvm_ray.config import TrainConfig, load_config
 from lvm_ray.eval.baselines import CopyLast
 from lvm_ray.eval.metrics import evaluate
 from lvm_ray.model import build_model
-from lvm_ray.train.step import (Batch, EarlyStopping, LocalCollective, accumulation_steps,
-                                fit_local, make_optimizer, make_scheduler, predict_windows,
-                                train_group)
-from lvm_ray.workflows import prepare_windows
+from lvm_ray.eval.predict import predict_windows
+from lvm_ray.train.loop import EarlyStopping, fit_local
+from lvm_ray.train.step import (Batch, LocalCollective, accumulation_steps, make_optimizer,
+                                make_scheduler, train_group)
+from lvm_ray.workflows.prepare import prepare_windows
 
 
 def test_scheduler_has_real_linear_warmup_then_cosine():
@@ -118,7 +119,7 @@ def test_resume_after_crash_ends_where_an_uninterrupted_run_ends(tmp_path, synth
     uninterrupted run's history (losses, val metrics, best epoch) exactly."""
     from pathlib import Path
 
-    from lvm_ray.train.step import Runtime, fit, local_epoch_indices
+    from lvm_ray.train.loop import Runtime, fit, local_epoch_indices
 
     cfg = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 4, "patience": 10}})
     ws = prepare_windows(cfg, synthetic_bank)

@@ -12,14 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvm_ray.config import ConfigError, WindowConfig, load_config
+from lvm_ray.config import ConfigError, TuneConfig, WindowConfig, from_dict, load_config, merge
 from lvm_ray.data.windows import make_windows
 from lvm_ray.distributed import tune as sweep_mod
-from lvm_ray.distributed.tune import (alpha_bucket, check_comparable, load_sweep, n_trials,
-                                      objective_metric, parse_sweep, run_sweep)
+from lvm_ray.eval.sweep import alpha_bucket, check_comparable, n_trials, objective_metric
+from lvm_ray.workflows.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRIC = "val_bank_hit@5"
+
+
+def parse_sweep(data: dict) -> TuneConfig:
+    return from_dict(TuneConfig, data, "tune")
+
+
+def with_sweep(cfg, sweep: TuneConfig):
+    return merge(cfg, {"tune": sweep.__dict__})
 
 
 def base_config(tmp_path, **train):
@@ -40,23 +48,25 @@ def test_load_sweep_reads_tune_section_and_overrides(tmp_path):
     f = tmp_path / "sweep.yaml"
     f.write_text("train:\n  lr: 0.002\ntune:\n  contexts: [4, 8]\n  search: grid\n"
                  "  alphas: [0.01, 0.1]\n")
-    cfg, sweep = load_sweep(f, ["smoke"], {"tune": {"num_samples": 2}, "loss": {"alpha": 0.5}})
+    cfg = load_config(f, ["smoke"], {"tune": {"num_samples": 2}, "loss": {"alpha": 0.5}})
+    sweep = cfg.tune
     assert cfg.train.lr == 0.002 and cfg.loss.alpha == 0.5 and cfg.model.d_in == 32
     assert sweep.contexts == (4, 8) and sweep.alphas == (0.01, 0.1) and sweep.num_samples == 2
     assert n_trials(sweep) == 2 * 2 * 2
     assert objective_metric(cfg) == "val_bank_hit@5"
     f.write_text("tune:\n  context: [4]\n")
     with pytest.raises(ConfigError, match="tune.context"):
-        load_sweep(f)
+        load_config(f)
     with pytest.raises(ConfigError, match="alpha_range"):
         parse_sweep({"alpha_range": [0.3, 0.003]})
 
 
 def test_defaults_are_the_issue_space_and_smoke_is_tiny():
-    cfg, sweep = load_sweep()
+    sweep = load_config().tune
     assert sweep.contexts == (100, 250, 500, 1000) and sweep.alpha_range == (0.03, 3.0)
     assert sweep.search == "random" and sweep.scheduler == "asha"
-    cfg, smoke = load_sweep(smoke=True)
+    cfg = load_config(None, ["smoke"])
+    smoke = cfg.tune
     assert cfg.corpus.source == "synthetic" and n_trials(smoke) <= 4
 
 
@@ -71,12 +81,12 @@ def test_objective_never_uses_a_trial_dependent_pool():
 def test_val_targets_are_the_same_for_every_context(synthetic_bank, tmp_path):
     cfg = base_config(tmp_path)
     sweep = parse_sweep({"contexts": [1, 8, 64]})
-    check_comparable(synthetic_bank, cfg, sweep)
+    check_comparable(synthetic_bank, with_sweep(cfg, sweep))
     targets = [make_windows(synthetic_bank, "val", WindowConfig(context=c, min_context=1))
                .target_rows for c in (1, 64)]
     assert np.array_equal(*targets)
     with pytest.raises(ConfigError, match="min_context"):
-        check_comparable(synthetic_bank, load_config(None, ["smoke"]), sweep)  # min_context 2
+        check_comparable(synthetic_bank, with_sweep(load_config(None, ["smoke"]), sweep))  # L>=2
 
 
 def test_alpha_buckets_are_log_spaced():
@@ -108,7 +118,7 @@ def test_sweep_picks_the_context_that_is_needed(ray_session, synthetic_bank, tmp
     cfg = base_config(tmp_path)
     sweep = parse_sweep({"name": "pick", "search": "grid", "contexts": [1, 8], "alphas": [0.03],
                          "num_samples": 1, "grace_period": 3, "max_concurrent_trials": 2})
-    res = run_sweep(cfg, sweep, bank=synthetic_bank)
+    res = run_sweep(with_sweep(cfg, sweep), bank=synthetic_bank)
     assert res.status == "finished" and len(res.rows) == 2
     assert res.best["context"] == 8
     by_ctx = {r["context"]: r for r in res.rows}
@@ -151,7 +161,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(
     sweep = parse_sweep({"name": "resume", "search": "grid", "contexts": [2, 4, 8],
                          "alphas": [0.03], "num_samples": 1, "scheduler": "fifo",
                          "max_concurrent_trials": 1, "evaluate_test": False})
-    sweep_dir = Path(sweep_mod.sweep_dir_of(cfg, sweep))
+    cfg = with_sweep(cfg, sweep)
+    sweep_dir = Path(sweep_mod.sweep_dir_of(cfg))
     log_dir = sweep_dir / sweep_mod.STARTS
 
     def interrupt_mid_second_trial():
@@ -171,7 +182,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(
 
     t = threading.Thread(target=interrupt_mid_second_trial, daemon=True)
     t.start()
-    first = run_sweep(cfg, sweep, bank=synthetic_bank)
+    first = run_sweep(cfg, bank=synthetic_bank)
     t.join(timeout=5)
     assert first.status == "interrupted"
     done_before = {f.stem for f in log_dir.glob("*.jsonl") if '"end"' in f.read_text()}
@@ -181,11 +192,12 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(
     finished_results = (finished_dir / "result.json").read_text()
 
     with pytest.raises(ValueError, match="--resume"):
-        run_sweep(cfg, sweep, bank=synthetic_bank)  # an existing sweep is never silently reused
+        run_sweep(cfg, bank=synthetic_bank)  # an existing sweep is never silently reused
     with pytest.raises(ConfigError, match="different config"):
-        run_sweep(base_config(tmp_path, max_epochs=9), sweep, resume=True, bank=synthetic_bank)
+        run_sweep(with_sweep(base_config(tmp_path, max_epochs=9), sweep), resume=True,
+                  bank=synthetic_bank)
 
-    res = run_sweep(cfg, sweep, resume=True, bank=synthetic_bank)
+    res = run_sweep(cfg, resume=True, bank=synthetic_bank)
     assert res.status == "finished" and len(res.rows) == 3
     rows = {r["trial_id"]: r for r in res.rows}
     # The finished trial did not run again; the interrupted one continued from its checkpoint.
@@ -207,7 +219,7 @@ def test_trial_with_two_ddp_workers_runs_the_ray_train_adapter(
     sweep = parse_sweep({"name": "ddp", "search": "grid", "contexts": [8], "alphas": [0.03],
                          "num_samples": 1, "workers_per_trial": 2, "cpus_per_worker": 0.5,
                          "scheduler": "fifo", "max_concurrent_trials": 1})
-    res = run_sweep(cfg, sweep, bank=synthetic_bank)
+    res = run_sweep(with_sweep(cfg, sweep), bank=synthetic_bank)
     assert res.status == "finished"
     (row,) = res.rows
     assert row["epochs_run"] == 2 and row["ended"] == "max_epochs"

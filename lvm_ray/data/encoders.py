@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from lvm_ray.config import EncoderConfig
+from lvm_ray.device import resolve_device
 
 MINILM_NAME = "all-MiniLM-L6-v2"
 _HASHING = re.compile(r"^hashing(?:-(\d+))?$")
@@ -116,14 +117,6 @@ class HashingEncoder:
         return _check(out.astype(np.float32), len(texts), self.dim)  # (N, D)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def encoder_name(cfg: EncoderConfig) -> str:
     """The name the bank records for cfg, without loading the model."""
     m = _HASHING.match(cfg.name)
@@ -132,6 +125,18 @@ def encoder_name(cfg: EncoderConfig) -> str:
     if cfg.name == "minilm":
         return MINILM_NAME
     return Path(cfg.name).expanduser().resolve().name
+
+
+def encoder_for_bank(bank_encoder: str | None, override: str | None = None) -> str | None:
+    """The EncoderConfig.name that makes a bank's recorded encoder (its metadata's "encoder"),
+    or None when lvm_ray cannot rebuild it (a model directory known only by its basename)."""
+    if override:
+        return override
+    if bank_encoder == MINILM_NAME:
+        return "minilm"
+    if bank_encoder and _HASHING.fullmatch(bank_encoder):
+        return bank_encoder
+    return None
 
 
 def encoder_key(cfg: EncoderConfig) -> str:

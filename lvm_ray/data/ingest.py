@@ -34,6 +34,7 @@ from lvm_ray.data.bank import SPLITS, BankError, ConceptBank, load_bank, read_ba
 from lvm_ray.data.chunking import chunk_document
 from lvm_ray.data.corpus import CorpusError, Skipped, load_documents
 from lvm_ray.data.encoders import encoder_key, encoder_name, get_encoder
+from lvm_ray.data.synthetic import make_synthetic_bank
 from lvm_ray.data.windows import assign_splits, check_split_disjoint
 
 log = logging.getLogger(__name__)
@@ -289,8 +290,6 @@ def ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg: Spli
 
 
 def _ingest_synthetic(cfg: CorpusConfig, split_cfg: SplitConfig, out_path: Path) -> IngestResult:
-    from lvm_ray.data.synthetic import make_synthetic_bank
-
     bank = make_synthetic_bank(n_docs=cfg.max_docs or 24, split_cfg=split_cfg)
     bank.meta["corpus"] = _corpus_meta(cfg)
     n_docs = len(bank.doc_order())

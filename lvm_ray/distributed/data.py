@@ -13,6 +13,7 @@ import numpy as np
 
 from lvm_ray.config import Config, EncoderConfig
 from lvm_ray.data.bank import BankError, ConceptBank, check_schema, from_table
+from lvm_ray.data.encoders import get_encoder
 from lvm_ray.data.ingest import IngestResult, finish_ingest, group_vectors, plan_ingest
 
 
@@ -21,8 +22,6 @@ class EncodeBatch:
 
     def __init__(self, encoder_cfg: EncoderConfig, threads: int = 1):
         import torch
-
-        from lvm_ray.data.encoders import get_encoder
 
         # One intra-op thread per CPU the actor owns: oversubscribed OpenMP threads spin.
         torch.set_num_threads(max(1, threads))

@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 
 from lvm_ray.config import Config, from_dict, to_dict
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import WindowSet
 from lvm_ray.eval.metrics import select_key
-from lvm_ray.train.checkpoint import CheckpointError, read_meta
-from lvm_ray.train.step import Runtime, fit
+from lvm_ray.storage import absolute, is_uri, write_text
+from lvm_ray.train.checkpoint import CheckpointError, load_train_state, read_meta
+from lvm_ray.train.loop import Runtime, fit
 
 log = logging.getLogger(__name__)
 HISTORY = "training_history.json"
@@ -60,23 +60,8 @@ class TorchCollective:
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
 
-def write_text(uri_or_path: str, text: str) -> None:
-    """Write a small file to a local path or a storage URI (s3://, gs://, ...)."""
-    fs, path = pafs.FileSystem.from_uri(uri_or_path) if "://" in uri_or_path else \
-        (pafs.LocalFileSystem(), os.path.abspath(uri_or_path))
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
-
-
-def storage_of(cfg: Config) -> str:
-    """cfg.run.storage_path as Ray wants it: a URI, or an absolute local path."""
-    storage = cfg.run.storage_path
-    return storage if "://" in storage else os.path.abspath(storage)
-
-
 def run_dir_of(cfg: Config) -> str:
-    return f"{storage_of(cfg).rstrip('/')}/{cfg.run.name}"
+    return f"{absolute(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -145,8 +130,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if restored is not None:
         resume_from = Path(tempfile.mkdtemp(prefix="lvm_resume_"))
         restored.to_directory(str(resume_from))
-        from lvm_ray.train.checkpoint import load_train_state
-
         try:
             read_meta(resume_from)  # a checkpoint cut short mid-write fails its checksums
         except CheckpointError as e:
@@ -261,18 +244,18 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.scaling.num_workers
     select = f"val_{select_key(cfg.eval.select_metric, cfg.eval.pool_size)}"
     run_dir = run_dir_of(cfg)
-    if "://" not in run_dir:
+    if not is_uri(run_dir):
         resume = resume_checkpoint(Path(run_dir))
         if resume is not None:
             print(f"[lvm] run {run_dir} exists: resuming from {resume.name}", flush=True)
     trainer = build_trainer(cfg, ray.put(bank), train_ws, val_ws,
-                            storage_path=storage_of(cfg), name=cfg.run.name,
+                            storage_path=absolute(cfg.run.storage_path), name=cfg.run.name,
                             use_gpu=bool(use_gpu), record_pids=record_pids)
     result = trainer.fit()
     if not result.best_checkpoints:
         raise RuntimeError(f"training reported no checkpoint; see {run_dir}")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][select])
-    local_best = Path(run_dir) / "best" if "://" not in run_dir else \
+    local_best = Path(run_dir) / "best" if not is_uri(run_dir) else \
         Path(tempfile.mkdtemp(prefix="lvm_best_")) / "best"
     # Copied aside, verified, then renamed: best/ is never a half-copied checkpoint.
     local_best.parent.mkdir(parents=True, exist_ok=True)
@@ -285,5 +268,5 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
         os.replace(tmp_best, local_best)
     finally:
         shutil.rmtree(tmp_best, ignore_errors=True)
-    history = json.loads((Path(run_dir) / HISTORY).read_text()) if "://" not in run_dir else []
+    history = json.loads((Path(run_dir) / HISTORY).read_text()) if not is_uri(run_dir) else []
     return TrainRun(run_dir, str(local_best), best_metrics, history, result)

@@ -114,11 +114,6 @@ def ridge_solve(a: np.ndarray, b: np.ndarray, lam: float) -> tuple[np.ndarray, n
     return sol[:-1], sol[-1]
 
 
-def fit_ridge(bank_vectors: np.ndarray, train_ws: WindowSet, m: int = 1, lam: float = 1.0) -> Ridge:
-    w, b = ridge_solve(*ridge_stats(bank_vectors, train_ws, m), lam)
-    return Ridge(m=m, lam=lam, w=w, b=b)
-
-
 def fit_baselines(bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
                   eval_cfg: EvalConfig, ms: Sequence[int] = (1, 2, 3, 4, 6, 8, 16),
                   lambdas: Sequence[float] = (0.1, 1, 10, 100, 1000), select: str | None = None,

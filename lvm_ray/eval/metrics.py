@@ -66,15 +66,6 @@ def mrr_values(ranks: np.ndarray) -> np.ndarray:
     return 1.0 / ranks.astype(np.float64)
 
 
-def lane_hits(ranks: np.ndarray, lanes: np.ndarray, k: int) -> dict[int, float]:
-    """Hit@k per lane of the target rows; lane -1 (unknown) is skipped."""
-    hits = hits_from_ranks(ranks, k)
-    lanes = np.asarray(lanes)
-    if lanes.shape != hits.shape:
-        raise ValueError(f"lanes must be (M={len(hits)},), got {lanes.shape}")
-    return {int(lane): float(hits[lanes == lane].mean()) for lane in np.unique(lanes) if lane != -1}
-
-
 # ----------------------------------------------------------------------------- pool-Hit@K
 
 
@@ -211,16 +202,6 @@ def bank_ranks_for_windows(pred: np.ndarray, bank_vectors: np.ndarray, ws: Windo
     excluded = each window's own context rows. (M,) int64."""
     return bank_ranks(pred, ws.target_rows, bank_vectors, ws.rows,
                       exclude=(ws.start, ws.end, ws.rows), block=block)
-
-
-def faiss_topk(pred: np.ndarray, bank_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k over the whole bank. Returns scores (M, k), rows (M, k)."""
-    import faiss  # lazy: training workers never need it, and its import logs AVX probing
-
-    index = faiss.IndexFlatIP(bank_vectors.shape[1])
-    index.add(_f32(bank_vectors))
-    scores, ids = index.search(_f32(pred), k)
-    return scores, ids.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- CA

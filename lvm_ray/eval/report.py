@@ -3,6 +3,7 @@ Hit@K beside its pool or bank size and chance, every model beside its best basel
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -11,8 +12,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lvm_ray.eval.lanes import lane_markdown
+
 BASELINE_PREFIXES = ("copy-last", "context-mean", "ridge")
-COMPARE = ("bank_hit@5", "ca")
 
 
 def is_baseline(name: str) -> bool:
@@ -192,3 +194,41 @@ def plot_training_curves(history: list[dict], path_png: str | Path,
     if ax2.lines:
         ax2.legend(fontsize=7)
     return _save(fig, path_png)
+
+
+def summary_table(results: dict[str, dict[str, Any]]) -> str:
+    """A compact console table: the headline numbers with CIs."""
+    first = next(iter(results.values()))
+    cols = [("bank-Hit@5", "bank_hit@5"), ("MRR", "mrr"), ("CA", "ca"),
+            ("cosine", "cosine"), ("margin", "margin")]
+    if "pool_size_fixed" in first:  # the seed's metric at its fixed pool, beside the honest one
+        n = first["pool_size_fixed"]
+        cols.insert(1, (f"pool{n}-Hit@5", f"pool{n}_hit@5"))
+    head = f"{'':28s}" + "".join(f" {c:>23s}" for c, _ in cols)
+    lines = [f"windows {first['n_windows']}, bank {first['bank_size']} concepts", head]
+    for name, s in results.items():
+        cells = []
+        for _, key in cols:
+            v = s.get(key)
+            lo, hi = s.get(f"{key}_lo"), s.get(f"{key}_hi")
+            cell = f"{v:.4f}" if v is not None else "-"
+            if lo is not None and hi is not None:
+                cell += f" [{lo:.3f},{hi:.3f}]"
+            cells.append(f" {cell:>23s}")
+        lines.append(f"{name[:28]:28s}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, dict[str, Any]], out_dir: Path, title: str,
+                 meta: dict[str, Any]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / "report.md"
+    md = markdown_report(results, title, meta)
+    lane_md = lane_markdown(results)
+    if lane_md:
+        md += "\n" + lane_md
+    plot_comparison(results, out_dir / "comparison.png")
+    md += "\n\n![bank-Hit@5 and CA with 95% CIs](comparison.png)\n"
+    report.write_text(md)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return report

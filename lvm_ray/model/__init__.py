@@ -7,6 +7,7 @@ from lvm_ray.model.memory_gru import (
     RecurrentState,
     build_model,
     count_parameters,
+    unwrap,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "count_parameters",
     "info_nce",
     "lvm_loss",
+    "unwrap",
 ]

@@ -301,6 +301,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     raise ValueError(f"unknown model kind {cfg.kind!r}; choose 'memory_gru' or 'gru'")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,4 +1,5 @@
-"""Ray Serve: the hybrid Phase-2 / Phase-3 router, model and encoder deployments (app.py), and the
-Ray-free pieces they hold: routing policy (routing.py), session tokens (sessions.py), request
-schemas (schemas.py). `serve run serve_configs/hybrid.yaml` deploys it; docs/serve.md explains it.
+"""Ray Serve: the hybrid Phase-2 / Phase-3 service. config.py (typed args and user_configs),
+models.py (model and encoder deployments), router.py (the FastAPI ingress), app.py (build_app),
+deploy.py (`lvm serve`), and the Ray-free pieces they hold: routing.py (policy), sessions.py
+(signed state tokens), schemas.py (request checks). docs/serve.md explains it.
 """

@@ -3,6 +3,8 @@
 Plain Python (no Ray), held by the Serve router; every router replica has its own instance and
 decides on what it observes itself.
 
+Settings are the Router's user_config (lvm_ray.serve.config.RouterUserConfig), applied live:
+
 - Contexts of up to `threshold` vectors go to Phase-2 (trained on 500-vector contexts).
 - Longer ones go to Phase-3 (trained on 1000), but only a `canary_fraction` of them while it is
   being rolled out (the design's 5% -> 10% -> 25% -> 50% -> 100%); the rest stay on Phase-2.
@@ -27,30 +29,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lvm_ray.serve.config import RouterUserConfig
+
 PHASE2, PHASE3 = "phase2", "phase3"
 MODELS = (PHASE2, PHASE3)
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    threshold: int = 500  # contexts longer than this are "long" (Phase-3 candidates)
-    canary_fraction: float = 0.05  # share of long contexts sent to Phase-3 (0..1)
-    p95_limit_ms: float = 10.0  # Phase-3 rolling P95 latency above this rolls back
-    error_rate_limit: float = 0.001  # Phase-3 rolling error rate above this rolls back
-    window: int = 200  # Phase-3 calls the guardrail looks at
-    min_samples: int = 20  # no verdict on fewer calls
-    rollout_id: str = ""  # a new value re-arms the rollout after a rollback
-    enforce_lane_rule: bool = True  # False: canary traffic reaches a Phase-3 that fails it
-
-    def __post_init__(self) -> None:
-        if self.threshold < 0:
-            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
-        if not 0.0 <= self.canary_fraction <= 1.0:
-            raise ValueError(f"canary_fraction must be in [0, 1], got {self.canary_fraction}")
-        if self.p95_limit_ms <= 0 or not 0.0 <= self.error_rate_limit <= 1.0:
-            raise ValueError("p95_limit_ms must be > 0 and error_rate_limit in [0, 1]")
-        if self.window < 1 or not 1 <= self.min_samples <= self.window:
-            raise ValueError("need window >= 1 and 1 <= min_samples <= window")
 
 
 @dataclass(frozen=True)
@@ -99,7 +81,7 @@ def lane_failure(lanes: dict[str, Any] | None) -> str | None:
 
 
 class RoutingPolicy:
-    def __init__(self, cfg: RoutingConfig = RoutingConfig(), rng: random.Random | None = None,
+    def __init__(self, cfg: RouterUserConfig = RouterUserConfig(), rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time):
         self.cfg = cfg
         self._rng = rng or random.Random()
@@ -123,7 +105,7 @@ class RoutingPolicy:
             return None
         return f"phase3 fails the lane rule: {self.phase3_lane_failure}"
 
-    def configure(self, cfg: RoutingConfig) -> None:
+    def configure(self, cfg: RouterUserConfig) -> None:
         """Apply a new config live; a changed rollout (fraction or id) re-arms after a rollback."""
         if (cfg.canary_fraction, cfg.rollout_id) != (self.cfg.canary_fraction, self.cfg.rollout_id):
             self.rolled_back = None
@@ -199,6 +181,7 @@ class RoutingPolicy:
             "rollbacks": [asdict(r) for r in self.history],
             "decisions": dict(self.decisions),
             "canary_blocked": self.canary_blocked,
-            "lane_rule": {"enforced": self.cfg.enforce_lane_rule, "phase3_report_read": self.lanes_read,
+            "lane_rule": {"enforced": self.cfg.enforce_lane_rule,
+                          "phase3_report_read": self.lanes_read,
                           "phase3_failure": self.phase3_lane_failure},
         }

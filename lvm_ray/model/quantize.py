@@ -1,7 +1,7 @@
 """Faster CPU inference: the same checkpoint with int8 (dynamic quantization) or bf16 weights.
 
     model = quantize_model(ck.model, "int8")          # a quantized copy; ck.model is untouched
-    predictor = quantized_predictor("runs/x/best", "data/bank.parquet", "int8")
+    predictor = quantized_predictor("runs/x/best", "data/bank.parquet", "int8")  # lvm_ray.predictor
 
 int8: torch dynamic quantization of every nn.Linear and the nn.GRU. Weights are stored as int8
 (per tensor) and activations are quantized on the fly, per call, so no calibration data is
@@ -23,19 +23,14 @@ bf16 is slower than fp32 on the 1000-vector forward at every size measured.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lvm_ray.data.bank import ConceptBank, load_bank
-from lvm_ray.model import RecurrentState
-from lvm_ray.predictor import Predictor
-from lvm_ray.train.checkpoint import load_checkpoint
+from lvm_ray.model.memory_gru import RecurrentState
 
 Precision = Literal["fp32", "int8", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "int8", "bf16")
@@ -79,17 +74,3 @@ def quantize_model(model: nn.Module, precision: Precision = "int8") -> nn.Module
 
         q = quantize_dynamic(model, {nn.Linear, nn.GRU}, dtype=torch.qint8)
     return q.eval()
-
-
-def quantized_predictor(checkpoint: str | Path, bank: str | Path | ConceptBank,
-                        precision: Precision = "int8", max_context: int | None = None
-                        ) -> Predictor:
-    """A CPU Predictor whose model runs at `precision`; `predictor.precision` says which."""
-    ck = load_checkpoint(checkpoint)
-    ck = dataclasses.replace(ck, model=quantize_model(ck.model, precision))
-    bank = bank if isinstance(bank, ConceptBank) else load_bank(bank)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized modules warn on .to(); the device is CPU
-        predictor = Predictor(ck, bank, device="cpu", max_context=max_context)
-    predictor.precision = precision
-    return predictor

@@ -22,7 +22,9 @@ from typing import Any
 import yaml
 
 from lvm_ray.config import Config, deep_update, merge, to_dict
+from lvm_ray.console import say
 from lvm_ray.eval.report import best_baseline, is_baseline
+from lvm_ray.workflows.train import train_and_evaluate
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,6 @@ def _pct(s: dict[str, Any], key: str) -> str:
 def run_row(base: Config, row: Row, out_dir: Path, use_ray: bool = False,
             command: str = "", force: bool = False) -> dict[str, Any]:
     """Train and evaluate one row (or reuse its saved result). Returns the row's record."""
-    from lvm_ray.workflows import say, train_and_evaluate
-
     record_path = out_dir / row.name / "ablation_row.json"
     if record_path.is_file() and not force:
         say(f"ablation row {row.name}: reusing {record_path}")

@@ -6,7 +6,7 @@ ports and its own --temp-dir: it neither collides with other Ray instances on th
 found by them (`ray.init()` elsewhere looks for /tmp/ray/ray_current_cluster, which a head with
 the default temp dir would write and leave behind). It is stopped by its pid; anything it started
 and left running is then killed by pid. Used by test_job_submit.py, test_multinode.py,
-test_reliability_train.py and bench/reliability.py.
+harness/train_faults.py and bench/reliability.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from harness.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the virtual environment: its `ray`, and the `python` jobs run
@@ -43,12 +44,6 @@ def ray_env() -> dict[str, str]:
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # entrypoints' `python` = the venv's
     )
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _proc_stat(pid: int) -> tuple[int, str] | None:

@@ -1,0 +1,43 @@
+"""Models and the protocol's baselines scored on the very same windows: the comparison every
+report, run summary and sweep shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lvm_ray.config import Config
+from lvm_ray.data.bank import ConceptBank
+from lvm_ray.data.windows import WindowSet
+from lvm_ray.device import resolve_device
+from lvm_ray.eval.baselines import fit_baselines
+from lvm_ray.eval.lanes import Lanes, bank_lanes, lane_metrics
+from lvm_ray.eval.metrics import evaluate_detailed, hits_from_ranks
+from lvm_ray.eval.predict import predict_windows
+
+
+def evaluate_on_windows(models: dict[str, Any], bank: ConceptBank, train_ws: WindowSet,
+                        val_ws: WindowSet, eval_ws: WindowSet, cfg: Config,
+                        lanes: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Protocol metrics for each model and for the baselines (fit on train, tuned on val),
+    all on eval_ws. lanes (N,) per bank row adds per-lane Hit@5 and the canary verdict."""
+    device = resolve_device(cfg.train.device)
+    preds = {name: predict_windows(model, bank.vectors, eval_ws, device=device)
+             for name, model in models.items()}
+    for bl in fit_baselines(bank, train_ws, val_ws, cfg.eval):
+        preds[bl.name] = bl.predict(bank.vectors, eval_ws)
+    results = {}
+    for name, pred in preds.items():
+        summary, per = evaluate_detailed(pred, eval_ws, bank, cfg.eval)
+        if lanes is not None:
+            summary.update(lane_metrics(hits_from_ranks(per["rank"], 5),
+                                        lanes[eval_ws.target_rows], 5, cfg.eval.bootstrap,
+                                        cfg.eval.seed))
+        results[name] = summary
+    return results
+
+
+def lanes_of(cfg: Config, bank: ConceptBank) -> Lanes | None:
+    """The bank's lanes (corpus, else k-means fit on train), or None when eval.lanes is 0."""
+    return bank_lanes(bank, cfg.eval.lanes, cfg.eval.seed) if cfg.eval.lanes > 0 else None

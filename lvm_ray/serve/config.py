@@ -1,0 +1,76 @@
+"""What the Serve app is told: its `args` (paths) and the live `user_config` of each deployment.
+
+Typed the same way as every lvm_ray config (frozen dataclasses, unknown keys are errors, values
+checked in __post_init__), so `from_dict(RouterUserConfig, user_config)` in `reconfigure` refuses
+a bad config with a message that names the key. Each field is declared once: the routing policy
+(lvm_ray.serve.routing) reads its fields straight from RouterUserConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lvm_ray.config import require
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """`args` of the app (serve config or `serve run ... key=value`)."""
+
+    phase2_checkpoint: str = "runs/demo/phase2/best"
+    phase3_checkpoint: str = "runs/demo/phase3/best"
+    bank: str = "data/sotu_demo_bank.parquet"
+    # A local sentence-transformers directory, when the bank's encoder is not one lvm_ray knows.
+    encoder: str | None = None
+    # HMAC key of session tokens; LVM_SESSION_KEY in the replicas' environment wins. Without
+    # either, each deploy makes a new key and earlier sessions stop verifying.
+    session_key: str | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ModelUserConfig:
+    """user_config of Phase2Model / Phase3Model, applied live by reconfigure()."""
+
+    max_batch_size: int = 16  # 1 = no batching
+    # 0 = no waiting: a batch is whatever queued while the previous one ran.
+    batch_wait_timeout_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(1 <= self.max_batch_size <= 256, "max_batch_size must be in [1, 256]")
+        require(0.0 <= self.batch_wait_timeout_s <= 1.0, "batch_wait_timeout_s must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RouterUserConfig:
+    """user_config of the Router, applied live by reconfigure(): the routing policy's settings
+    (lvm_ray.serve.routing explains them) and the request limits."""
+
+    threshold: int = 500  # contexts longer than this are "long" (Phase-3 candidates)
+    canary_fraction: float = 0.05  # share of long contexts sent to Phase-3 (0..1)
+    p95_limit_ms: float = 10.0  # Phase-3 rolling P95 latency above this rolls back
+    error_rate_limit: float = 0.001  # Phase-3 rolling error rate above this rolls back
+    window: int = 200  # Phase-3 calls the guardrail looks at
+    min_samples: int = 20  # no verdict on fewer calls
+    rollout_id: str = ""  # a new value re-arms the rollout after a rollback
+    # The design's lane rule blocks canary traffic to a Phase-3 whose lanes.json fails it;
+    # false lets it through anyway (the status still shows the failure).
+    enforce_lane_rule: bool = True
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_context_vectors: int = 4096
+    max_k: int = 50
+    session_ttl_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        require(self.threshold >= 0, f"threshold must be >= 0, got {self.threshold}")
+        require(0.0 <= self.canary_fraction <= 1.0,
+                f"canary_fraction must be in [0, 1], got {self.canary_fraction}")
+        require(self.p95_limit_ms > 0 and 0.0 <= self.error_rate_limit <= 1.0,
+                "p95_limit_ms must be > 0 and error_rate_limit in [0, 1]")
+        require(self.window >= 1 and 1 <= self.min_samples <= self.window,
+                "need window >= 1 and 1 <= min_samples <= window")
+        # A cap cannot be switched off by a tiny value.
+        require(self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024")
+        require(min(self.max_context_vectors, self.max_k) >= 1,
+                "max_context_vectors and max_k must be >= 1")
+        require(self.session_ttl_s > 0, "session_ttl_s must be > 0")

@@ -1,0 +1,208 @@
+"""The model and encoder deployments: a checkpoint + the concept bank behind batched predict and
+session-append methods, and the bank's text encoder. The maths lives in lvm_ray.predictor; a
+client's bad input is returned as {"error", "status"} (an answer, not a replica failure).
+"""
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from lvm_ray.config import EncoderConfig, from_dict, to_dict
+from lvm_ray.data.bank import read_bank_meta
+from lvm_ray.data.encoders import encoder_for_bank, get_encoder
+from lvm_ray.eval.lanes import LANES_JSON, lane_report
+from lvm_ray.predictor import Predictor, PredictorInputError
+from lvm_ray.serve.config import ModelUserConfig
+from lvm_ray.serve.metrics import ModelMetrics
+from lvm_ray.serve.routing import PHASE2, PHASE3, lane_summary
+from lvm_ray.serve.schemas import RequestError
+from lvm_ray.serve.sessions import (SessionError, SessionState, check_compatible,
+                                    checkpoint_fingerprint)
+from lvm_ray.storage import localize
+
+DEPLOYMENT_NAMES = {PHASE2: "Phase2Model", PHASE3: "Phase3Model"}
+INLINE_VECTORS = 64  # batches of at most this many vectors skip the thread hand-off
+
+
+def short_error(e: BaseException) -> str:
+    """The last line of a (possibly remote) exception: a message, not a traceback."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+def _read_lanes(ckpt_dir: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint's lane summary, or None and why (never made-up numbers)."""
+    try:
+        report = lane_report(ckpt_dir)
+    except (OSError, ValueError) as e:  # a corrupt file must not keep the model from serving
+        return None, f"{LANES_JSON} in {ckpt_dir} is unreadable: {short_error(e)}"
+    if report is None:
+        return None, (f"no {LANES_JSON} in {ckpt_dir}: the checkpoint was not evaluated with "
+                      "lanes, so the lane rule is not checked")
+    return lane_summary(report), None
+
+
+def _client_error(status: int, detail: str) -> dict[str, Any]:
+    # Returned, not raised: a client's bad input is an answer, not a replica failure.
+    return {"error": detail, "status": status}
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+    health_check_period_s=5,
+)
+class ModelServer:
+    """One checkpoint + the concept bank (FAISS index) behind @serve.batch methods."""
+
+    def __init__(self, name: str, checkpoint: str, bank: str, device: str = "cpu"):
+        self.name = name
+        self.checkpoint = checkpoint
+        ckpt_dir = localize(checkpoint)
+        self.predictor = Predictor.from_paths(ckpt_dir, localize(bank), device=device)
+        cfg = self.predictor.model.cfg
+        self.state_shape = (cfg.layers, cfg.hidden)
+        self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
+        self.metrics = ModelMetrics()
+        self.user = ModelUserConfig()
+        self.lanes, self.lanes_reason = _read_lanes(ckpt_dir)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.user = from_dict(ModelUserConfig, user_config or {}, "user_config")
+        for fn in (self._predict_batch, self._append_batch):
+            fn.set_max_batch_size(self.user.max_batch_size)
+            fn.set_batch_wait_timeout_s(self.user.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        i = self.predictor.info()
+        return {"name": self.name, "deployment": DEPLOYMENT_NAMES.get(self.name, self.name),
+                "checkpoint": self.checkpoint, "fingerprint": self.fingerprint,
+                "max_context": i["max_context"], "dim": self.predictor.dim,
+                "state_shape": list(self.state_shape), "n_parameters": i["n_parameters"],
+                "model_config": i["model_config"], "epoch": i["epoch"],
+                "val_metrics": i["metrics"], "test_metrics": i["test_metrics"],
+                "bank_size": i["bank_size"],
+                "bank_encoder": self.predictor.bank.meta.get("encoder"),
+                "lanes": self.lanes, "lanes_reason": self.lanes_reason,
+                "user_config": to_dict(self.user),
+                "replica": serve.get_replica_context().replica_tag}
+
+    def _vectors(self, vectors: np.ndarray | None, concept_ids: list[int] | None) -> np.ndarray:
+        try:
+            ctx = (self.predictor.vectors_for_ids(concept_ids) if concept_ids is not None
+                   else vectors)
+            return self.predictor.validate(ctx)  # (T, D)
+        except PredictorInputError as e:
+            raise RequestError(422, str(e)) from None
+
+    async def predict(self, vectors: np.ndarray | None, concept_ids: list[int] | None,
+                      k: int, return_vector: bool) -> dict[str, Any]:
+        """A full context -> prediction; the model reads the last max_context vectors."""
+        try:
+            ctx = self._vectors(vectors, concept_ids)
+        except RequestError as e:
+            return _client_error(e.status, e.detail)
+        return await self._predict_batch((ctx, k, return_vector))
+
+    async def append(self, session: SessionState, vectors: np.ndarray | None,
+                     concept_ids: list[int] | None, k: int, return_vector: bool) -> dict[str, Any]:
+        """Continue `session` with new vectors: O(len(new vectors)) model work."""
+        try:
+            check_compatible(session, self.name, self.fingerprint, self.state_shape,
+                             self.predictor.dim)
+            ctx = self._vectors(vectors, concept_ids)
+        except SessionError as e:
+            return _client_error(e.status, str(e))
+        except RequestError as e:
+            return _client_error(e.status, e.detail)
+        return await self._append_batch((ctx, session.h, session.last, k, return_vector))
+
+    def _result(self, pred, k: int, return_vector: bool, batch: int, ms: float) -> dict[str, Any]:
+        return {"vector": pred.vector.tolist() if return_vector else None,
+                "neighbors": [n.to_dict() for n in pred.neighbors[:k]],
+                "context_used": pred.context_used, "model_ms": ms, "batch_size": batch}
+
+    @staticmethod
+    async def _run(fn, n_vectors: int, *args):
+        """Large batches run in a thread so the event loop keeps queueing the next batch; a few
+        vectors (a typical append) cost less than the thread hand-off, so they run inline."""
+        if n_vectors <= INLINE_VECTORS:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _predict_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
+        kmax = max(it[1] for it in items)
+        t0 = time.perf_counter()
+        ctxs = [it[0] for it in items]
+        preds = await self._run(self.predictor.predict_batch, sum(map(len, ctxs)), ctxs, kmax)
+        ms = (time.perf_counter() - t0) * 1000
+        self._observe("predict", len(items), ms)
+        return [self._result(p, k, rv, len(items), ms) for p, (_, k, rv) in zip(preds, items)]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _append_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
+        kmax = max(it[3] for it in items)
+        t0 = time.perf_counter()
+        ctxs = [it[0] for it in items]
+        outs = await self._run(self.predictor.append_batch, sum(map(len, ctxs)), ctxs,
+                               [it[1] for it in items], [it[2] for it in items], kmax)
+        ms = (time.perf_counter() - t0) * 1000
+        self._observe("append", len(items), ms)
+        results = []
+        for (pred, h, last), (_, _, _, k, rv) in zip(outs, items):
+            r = self._result(pred, k, rv, len(items), ms)
+            r.update(h=h, last=last, fingerprint=self.fingerprint)
+            results.append(r)
+        return results
+
+    def _observe(self, kind: str, batch: int, ms: float) -> None:
+        tags = {"model": self.name, "kind": kind}
+        self.metrics.forward.observe(ms, tags=tags)
+        self.metrics.batch_size.observe(batch, tags=tags)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+class TextEncoder:
+    """The bank's encoder, so text input lands in the same vector space as the bank."""
+
+    def __init__(self, bank: str, encoder: str | None = None):
+        meta = read_bank_meta(localize(bank))
+        self.bank_encoder = meta.get("encoder")
+        self.dim = meta.get("dim")
+        self.name = encoder_for_bank(self.bank_encoder, encoder)
+        self.encoder = None
+        if self.name is not None:
+            self.encoder = get_encoder(EncoderConfig(name=self.name, device="cpu"))
+            if self.dim is not None and self.encoder.dim != self.dim:
+                raise ValueError(f"encoder {self.name} makes {self.encoder.dim}-d vectors but the "
+                                 f"bank holds {self.dim}-d ones")
+
+    def info(self) -> dict[str, Any]:
+        return {"bank_encoder": self.bank_encoder, "encoder": self.name,
+                "text_input": self.encoder is not None}
+
+    async def encode(self, texts: list[str]) -> np.ndarray | dict[str, Any]:
+        if self.encoder is None:
+            return _client_error(422, f"text input is not available: the bank's encoder is "
+                                      f"{self.bank_encoder!r}, which has no text encoder here; "
+                                      "send vectors, vectors_b64 or concept_ids (or deploy with "
+                                      "args.encoder = a local model directory)")
+        return await self._encode_batch(texts)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _encode_batch(self, batches: list[list[str]]) -> list[np.ndarray]:
+        flat = [t for texts in batches for t in texts]
+        vecs = await asyncio.to_thread(self.encoder.encode, flat)  # (sum T, D)
+        out, i = [], 0
+        for texts in batches:
+            out.append(vecs[i : i + len(texts)])
+            i += len(texts)
+        return out

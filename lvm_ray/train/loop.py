@@ -1,0 +1,262 @@
+"""The training loop: epochs of accumulated steps, evaluation on val, early stopping on the
+selection metric, checkpoints that resume exactly. `fit` is the same for every runtime; `fit_local`
+is the plain single-process loop (Ray Train's worker is lvm_ray.distributed.trainer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lvm_ray.config import Config, TrainConfig, to_dict
+from lvm_ray.data.bank import ConceptBank
+from lvm_ray.data.windows import WindowSet
+from lvm_ray.device import resolve_device
+from lvm_ray.eval.metrics import evaluate, select_key
+from lvm_ray.eval.predict import predict_windows
+from lvm_ray.model import build_model
+from lvm_ray.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from lvm_ray.train.step import (Collective, LocalCollective, accumulation_steps, groups_of,
+                                make_optimizer, make_scheduler, to_batch, train_group)
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_model(model: torch.nn.Module, bank: ConceptBank, ws: WindowSet, cfg: Config,
+                   collective: Collective | None = None, device: torch.device | str = "cpu",
+                   bootstrap: int | None = None) -> dict[str, Any]:
+    """Protocol metrics of `model` on `ws`. Under several workers each rank predicts a strided
+    share, predictions are all-gathered and every rank computes the same metrics, so early
+    stopping decisions agree without a further reduction."""
+    collective = collective or LocalCollective()
+    r, w = collective.rank, collective.world_size
+    mine = np.arange(r, len(ws), w)
+    pred = predict_windows(model, bank.vectors, ws.subset(mine), device=device)
+    if w > 1:
+        n_max = len(range(0, len(ws), w))
+        padded = torch.zeros(n_max, bank.dim)
+        padded[: len(mine)] = torch.from_numpy(pred)
+        parts = collective.all_gather(padded)
+        full = np.empty((len(ws), bank.dim), dtype=np.float32)
+        for rr, part in enumerate(parts):
+            idx = np.arange(rr, len(ws), w)
+            full[idx] = part[: len(idx)].numpy()
+        pred = full
+    ecfg = cfg.eval if bootstrap is None else dataclasses.replace(cfg.eval, bootstrap=bootstrap)
+    return evaluate(pred, ws, bank, ecfg)
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+@dataclass
+class EarlyStopping:
+    patience: int
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record one epoch's metric; True if it is a new best."""
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "EarlyStopping":
+        return cls(int(s["patience"]), float(s["best"]), int(s["best_epoch"]),
+                   int(s["bad_epochs"]))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Runtime:
+    """What `fit` needs from whoever runs it.
+
+    epoch_indices(epoch) -> this rank's window indices into train_ws for that epoch, already
+    shuffled (equal counts on every rank). report(metrics, checkpoint_dir or None) is called
+    exactly once per epoch on every rank. wrap_model lets Ray wrap in DDP."""
+
+    epoch_indices: Callable[[int], np.ndarray]
+    report: Callable[[dict[str, Any], Path | None], None]
+    collective: Collective = field(default_factory=LocalCollective)
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    device: torch.device = torch.device("cpu")
+    checkpoint_root: Path = Path("checkpoints")
+    resume_from: Path | None = None
+    log_every: int = 0
+
+
+def local_epoch_indices(n_windows: int, cfg: TrainConfig, rank: int = 0, world: int = 1):
+    """Seeded per-epoch shuffle, strided across ranks, equal counts per rank."""
+
+    def indices(epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([cfg.seed, epoch])
+        perm = rng.permutation(n_windows)
+        if cfg.max_train_windows is not None:
+            perm = perm[: cfg.max_train_windows]
+        per_rank = len(perm) // world
+        return perm[rank : per_rank * world : world]
+
+    return indices
+
+
+def steps_per_epoch(n_rank_windows: int, cfg: TrainConfig, world_size: int) -> int:
+    return n_rank_windows // cfg.micro_batch // accumulation_steps(cfg, world_size)
+
+
+def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
+        rt: Runtime) -> dict[str, Any]:
+    """Train with early stopping on the val selection metric; returns the final summary.
+
+    Every epoch: train, evaluate on val (capped at max_eval_windows, a fixed subset), report.
+    A checkpoint (weights + full training state) is written whenever val improves; resuming from
+    one restores model, optimiser, scheduler, epoch, early stopping and RNG, so a restarted run
+    continues exactly where the uninterrupted one would have."""
+    tc, device, coll = cfg.train, rt.device, rt.collective
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model).to(device)
+    if bank.dim != cfg.model.d_in:
+        raise ValueError(f"bank vectors are {bank.dim}-d but model.d_in={cfg.model.d_in}")
+    opt = make_optimizer(model, tc)
+    accum = accumulation_steps(tc, coll.world_size)
+    n_rank = len(rt.epoch_indices(0))
+    spe = steps_per_epoch(n_rank, tc, coll.world_size)
+    if spe < 1:
+        raise ValueError(f"too few training windows ({n_rank} per worker) for one optimiser "
+                         f"step of {tc.batch_size}; lower train.batch_size or add data")
+    sched = make_scheduler(opt, tc, spe * tc.max_epochs)
+    stopper = EarlyStopping(tc.patience)
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+
+    if rt.resume_from is not None:
+        ck = load_checkpoint(rt.resume_from, device="cpu")
+        model.load_state_dict(ck.model.state_dict())
+        st = load_train_state(rt.resume_from)
+        if st is None:
+            raise ValueError(f"{rt.resume_from} holds no training state to resume from")
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        stopper = EarlyStopping.from_state(st["early_stopping"])
+        torch.set_rng_state(st["torch_rng"])
+        history = json.loads(st["history_json"])
+        start_epoch = int(st["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", rt.resume_from, start_epoch)
+
+    model = rt.wrap_model(model)
+    val_eval = val_ws.sample(tc.max_eval_windows, tc.seed)
+    select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
+    vectors = bank.vectors
+    # Bank negatives are drawn from the training split's rows, indexed like window positions.
+    negative_pool = (torch.from_numpy(vectors[train_ws.rows]).to(device)
+                     if cfg.loss.negatives == "bank" else None)
+    summary: dict[str, Any] = {}
+
+    for epoch in range(start_epoch, tc.max_epochs):
+        if stopper.should_stop:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        idx = rt.epoch_indices(epoch)
+        all_steps = tc.objective == "all_steps"
+        micro = (to_batch(vectors, train_ws, idx[i : i + tc.micro_batch], device, all_steps,
+                          tc.step_targets)
+                 for i in range(0, len(idx) - tc.micro_batch + 1, tc.micro_batch))
+        totals: dict[str, float] = {}
+        n_steps = 0
+        for group in groups_of(micro, accum):
+            s = train_group(model, group, opt, sched, cfg.loss, tc, coll, negative_pool)
+            for k, v in s.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n_steps += 1
+            if rt.log_every and n_steps % rt.log_every == 0 and coll.rank == 0:
+                log.info("epoch %d step %d/%d loss %.4f", epoch, n_steps, spe, s["loss"])
+        train_time = time.perf_counter() - t0
+        train_stats = coll.all_reduce_mean({k: v / max(1, n_steps) for k, v in totals.items()})
+        val = evaluate_model(model, bank, val_eval, cfg, coll, device, bootstrap=0)
+        improved = stopper.update(float(val[select]), epoch)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_stats.get("loss", float("nan")),
+            **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"},
+            **{f"val_{k}": v for k, v in val.items()},
+            "train_windows": int(len(idx)) * coll.world_size,
+            "train_seconds": train_time,
+            "windows_per_s": len(idx) * coll.world_size / max(train_time, 1e-9),
+            "best_epoch": stopper.best_epoch,
+            f"best_val_{select}": stopper.best,
+            "improved": improved,
+        }
+        history.append(row)
+        ckpt_dir = None
+        if improved and coll.rank == 0:
+            ckpt_dir = save_checkpoint(
+                rt.checkpoint_root / f"epoch_{epoch:03d}", model, cfg.model, epoch=epoch,
+                metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
+                data=bank.identity(), config=to_dict(cfg),
+                train_state={
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "early_stopping": stopper.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "history_json": json.dumps(history),
+                })
+        rt.report(row, ckpt_dir)
+        summary = row
+        if coll.rank == 0:
+            # print, not logging: under Ray the worker's stdout is what reaches the driver.
+            print(f"[lvm] epoch {epoch}: loss {row['train_loss']:.4f}  val {select} "
+                  f"{val[select]:.4f}  best {stopper.best:.4f} @{stopper.best_epoch}  "
+                  f"{row['windows_per_s']:.0f} windows/s{'  *saved' if improved else ''}",
+                  flush=True)
+    return {"history": history, "best_epoch": stopper.best_epoch,
+            f"best_val_{select}": stopper.best, "last": summary,
+            "stopped_early": stopper.should_stop}
+
+
+def fit_local(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
+              out_dir: str | Path, resume_from: str | Path | None = None) -> dict[str, Any]:
+    """The plain single-process PyTorch loop: same `fit`, no Ray. Keeps the best checkpoint
+    at out_dir/best and writes training_history.json."""
+    out_dir = Path(out_dir)
+
+    def report(row: dict[str, Any], ckpt: Path | None) -> None:
+        # Checkpoints are only written on improvement, so the newest is the best: drop the rest.
+        if ckpt is not None:
+            for old in ckpt.parent.glob("epoch_*"):
+                if old != ckpt:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    rt = Runtime(epoch_indices=local_epoch_indices(len(train_ws), cfg.train),
+                 report=report, device=torch.device(resolve_device(cfg.train.device)),
+                 checkpoint_root=out_dir / "checkpoints",
+                 resume_from=Path(resume_from) if resume_from else None)
+    result = fit(cfg, bank, train_ws, val_ws, rt)
+    (out_dir / "training_history.json").write_text(json.dumps(result["history"], indent=2))
+    result["best_checkpoint"] = str(rt.checkpoint_root / f"epoch_{result['best_epoch']:03d}")
+    return result
