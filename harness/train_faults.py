@@ -104,8 +104,8 @@ def train_run(url: str, spec: TrainSpec, name: str, *extra: str) -> dict[str, An
 def kill_driver_and_resubmit(url: str, spec: TrainSpec, name: str,
                              after_epochs: int = 3) -> dict[str, Any]:
     """Submit; once `after_epochs` epochs are reported, SIGKILL the job's driver process (its pid
-    from the Jobs API); then submit the same command again: same run name, so Ray Train resumes
-    from the run's latest checkpoint."""
+    from the Jobs API); then submit the same command again with --resume: same run name, so Ray
+    Train resumes from the run's latest checkpoint."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(url)
@@ -119,7 +119,7 @@ def kill_driver_and_resubmit(url: str, spec: TrainSpec, name: str,
     left, registered = files_under(run_dir), registered_checkpoint(run_dir)
     print(f"  {name}: driver pid {pid} killed after {killed_at} epoch(s); job {first['status']}; "
           f"run dir holds {[f for f in left if '/' not in f]}", flush=True)
-    second = train_run(url, spec, name)
+    second = train_run(url, spec, name, "--resume")  # an existing run continues only if asked
     return {"driver_pid": pid, "epochs_at_kill": killed_at, "checkpoint_at_kill": ckpt_at_kill,
             "registered_before_resubmit": registered, "first_status": first["status"],
             "left_after_kill": [f for f in left if "/" not in f], **second}
@@ -147,14 +147,15 @@ def kill_worker_mid_epoch(url: str, spec: TrainSpec, name: str,
 
 def corrupt_and_resume(url: str, spec: TrainSpec, name: str) -> dict[str, Any]:
     """Cut the latest persisted checkpoint of a finished run in half (a write cut short), then
-    submit the run again under the same name: it must refuse, naming the checkpoint."""
+    submit the run again under the same name with --resume: it must refuse, naming the
+    checkpoint."""
     run_dir = spec.storage / name
     snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     ck = run_dir / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
     w = ck / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     before = {f: (run_dir / f).stat().st_mtime for f in files_under(run_dir)}
-    sid = submit(url, spec.cmd(name))
+    sid = submit(url, spec.cmd(name, "--resume"))
     r = job_result(url, sid, run_dir, timeout_s=300)
     errors = [ln for ln in r["logs"].splitlines() if "lvm train: error:" in ln]
     changed = [f for f in files_under(run_dir)

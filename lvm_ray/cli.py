@@ -35,17 +35,29 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    metavar="KEY=VALUE", help="override one value, e.g. train.lr=3e-4")
     p.add_argument("--smoke-test", action="store_true",
                    help="tiny synthetic run that finishes in seconds")
+    p.add_argument("--bank", metavar="PATH",
+                   help="use this existing concept bank as it is (corpus.source=bank, "
+                        "bank_path=PATH): no corpus settings needed")
 
 
 def presets_of(args: argparse.Namespace) -> list[str]:
     return (["smoke"] if args.smoke_test else []) + list(args.preset)
 
 
-def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
-    """Defaults, --preset, --config, then --set; `extra` (other flags) last."""
+def overrides_of(args: argparse.Namespace, extra: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """--set values, then --bank, then `extra` (other flags)."""
     overrides = parse_overrides(args.overrides)
+    if getattr(args, "bank", None):
+        deep_update(overrides, {"corpus": {"source": "bank", "path": args.bank},
+                                "bank_path": args.bank})
     deep_update(overrides, extra or {})
-    return load_config(args.config, presets_of(args), overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    """Defaults, --preset, --config, then --set, --bank and `extra` (other flags)."""
+    return load_config(args.config, presets_of(args), overrides_of(args, extra))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -57,7 +69,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.ray:
         init_ray()
-    bank = ensure_bank(cfg, use_ray=args.ray)
+    bank = ensure_bank(cfg, use_ray=args.ray, overwrite=args.overwrite)
     print(json.dumps({"bank": cfg.bank_path, "concepts": len(bank), "dim": bank.dim,
                       "encoder": bank.meta.get("encoder")}, indent=2))
     return 0
@@ -71,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = merge(cfg, {"scaling": {"num_workers": args.workers}})
     if not args.local:
         init_ray()
-    summary = train_and_evaluate(cfg, use_ray=not args.local, record_pids=args.record_pids)
+    summary = train_and_evaluate(cfg, use_ray=not args.local, record_pids=args.record_pids,
+                                 resume=args.resume, overwrite=args.overwrite)
     print(summary["table"])
     print(f"\nartifacts: {summary['run_dir']}")
     return 0
@@ -80,12 +93,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lvm_ray.workflows.evaluate import evaluate_checkpoints
 
-    cfg = config_from_args(args)
     ckpts = {}
     for spec in args.checkpoint:
         name, _, path = spec.rpartition("=")
         ckpts[name or Path(path).parent.name or path] = path
-    out = evaluate_checkpoints(ckpts, cfg, split=args.split, out_dir=args.out)
+    # Each checkpoint's recorded config is the base; --config/--preset/--set/--bank go on top.
+    out = evaluate_checkpoints(ckpts, args.config, presets_of(args), overrides_of(args),
+                               split=args.split, out_dir=args.out,
+                               allow_bank_mismatch=args.allow_bank_mismatch)
     print(out["table"])
     print(f"\nreport: {out['report']}")
     return 0
@@ -152,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="documents -> chunks -> embeddings -> Parquet bank")
     add_config_args(p)
     p.add_argument("--ray", action="store_true", help="embed with a Ray Data pipeline")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a bank at bank_path that was built from other settings or data "
+                        "(without it, such a bank is never touched)")
     p.set_defaults(fn=cmd_ingest)
 
     p = sub.add_parser("train", help="train with Ray Train, evaluate the best on test")
@@ -160,14 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="plain PyTorch loop, no Ray")
     p.add_argument("--record-pids", action="store_true",
                    help="write every worker's pid under RUN_DIR/worker_pids (fault tests)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_STORAGE/run.name (same config and bank only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run of the same run.name and start over")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="protocol report for checkpoints vs baselines")
+    p = sub.add_parser("evaluate", help="protocol report for checkpoints vs baselines (each "
+                                         "checkpoint's recorded config and bank by default)")
     add_config_args(p)
     p.add_argument("--checkpoint", action="append", required=True,
                    metavar="[NAME=]PATH", help="checkpoint directory (repeatable)")
     p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--out", default="runs/evaluate", help="report directory")
+    p.add_argument("--out", help="report directory (default: runs/evaluate/NAME[+NAME...])")
+    p.add_argument("--allow-bank-mismatch", action="store_true",
+                   help="evaluate on a bank the checkpoints were not trained on")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("tune", help="sweep context length x InfoNCE alpha with Ray Tune "

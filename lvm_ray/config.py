@@ -85,7 +85,7 @@ class WindowConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     kind: Literal["memory_gru", "gru"] = "memory_gru"
-    d_in: int = 384
+    d_in: int | None = None  # None: the bank's dimension (set when training starts)
     hidden: int = 256
     layers: int = 2
     slots: int = 64  # external memory slots; 0 disables the memory read
@@ -97,7 +97,7 @@ class ModelConfig:
     anchor: Literal["last", "decay"] = "decay"
 
     def __post_init__(self) -> None:
-        require(min(self.d_in, self.hidden, self.layers) >= 1 and self.slots >= 0,
+        require(min(self.d_in or 1, self.hidden, self.layers) >= 1 and self.slots >= 0,
                 "model.d_in, hidden, layers must be >= 1 and slots >= 0")
         require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
@@ -336,10 +336,16 @@ PAPER_MODEL = ModelConfig(kind="memory_gru", d_in=768, hidden=512, layers=4, slo
 # What a 2-core CPU trains in minutes.
 SMALL_MODEL = ModelConfig(kind="memory_gru", d_in=384, hidden=256, layers=2, slots=64)
 
+
+def _sizes(model: ModelConfig) -> dict[str, Any]:
+    """A model preset without its input width: model.d_in follows the bank it trains on."""
+    return {k: v for k, v in to_dict(model).items() if k != "d_in"}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU demo sizes on the embedded corpus.
-    "small": {"model": to_dict(SMALL_MODEL)},
-    "paper": {"model": to_dict(PAPER_MODEL)},
+    "small": {"model": _sizes(SMALL_MODEL)},
+    "paper": {"model": _sizes(PAPER_MODEL)},
     # The original design's loss and training objective, for comparison.
     "seed_loss": {"loss": {"w_mse": 1.0, "w_cos": 0.5, "alpha": 0.03, "temperature": 0.07,
                            "negatives": "gathered"},
@@ -353,7 +359,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "encoder": {"name": "minilm"},
         "window": {"policy": "document", "min_context": 2, "stride": 1},
         # 60 speeches overfit quickly: dropout and weight decay held val Hit@5 up for longer.
-        "model": {"d_in": 384, "hidden": 128, "layers": 1, "slots": 32, "dropout": 0.2},
+        "model": {"hidden": 128, "layers": 1, "slots": 32, "dropout": 0.2},
         "loss": {"negatives": "bank"},
         "train": {"batch_size": 64, "micro_batch": 16, "lr": 5e-4, "weight_decay": 0.01,
                   "max_epochs": 6,
@@ -369,7 +375,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus": {"source": "synthetic", "max_docs": 24},
         "encoder": {"name": "synthetic"},
         "window": {"context": 16, "min_context": 2, "stride": 2},
-        "model": {"d_in": 32, "hidden": 32, "layers": 1, "slots": 8},
+        "model": {"hidden": 32, "layers": 1, "slots": 8},
         "train": {"batch_size": 64, "micro_batch": 16, "lr": 3e-3, "max_epochs": 3,
                   "warmup_frac": 0.1, "max_eval_windows": 256},
         "eval": {"bootstrap": 100},
@@ -384,9 +390,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def load_config(path: str | Path | None = None, presets: list[str] | tuple[str, ...] = (),
-                overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then each preset in order, then the YAML file, then explicit overrides."""
-    cfg = Config()
+                overrides: dict[str, Any] | None = None, base: Config | None = None) -> Config:
+    """Defaults (or `base`, e.g. a checkpoint's recorded config), then each preset in order,
+    then the YAML file, then explicit overrides."""
+    cfg = base or Config()
     for name in presets:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")

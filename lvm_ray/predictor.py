@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from lvm_ray.data.bank import ConceptBank, load_bank
+from lvm_ray.data.bank import ConceptBank, check_identity, load_bank
 from lvm_ray.device import resolve_device
 from lvm_ray.model import RecurrentState
 from lvm_ray.model.quantize import Precision, quantize_model
@@ -49,11 +49,17 @@ class Prediction:
 
 
 class Predictor:
+    """A checkpoint paired with the bank it was trained on: a bank whose recorded identity
+    differs (other vectors, documents or encoder) is refused unless allow_bank_mismatch."""
+
     def __init__(self, ckpt: LoadedCheckpoint, bank: ConceptBank, device: str = "auto",
-                 max_context: int | None = None):
+                 max_context: int | None = None, allow_bank_mismatch: bool = False,
+                 bank_name: str = "(in memory)"):
         if bank.dim != ckpt.model_config.d_in:
             raise ValueError(f"bank is {bank.dim}-d but the checkpoint expects "
                              f"{ckpt.model_config.d_in}-d vectors")
+        self.bank_mismatch = check_identity(ckpt.meta.get("data"), bank, str(ckpt.path),
+                                            bank_name, allow_bank_mismatch)
         self.device = resolve_device(device)
         self.model = ckpt.model.to(self.device).eval()
         self.meta = ckpt.meta
@@ -68,8 +74,10 @@ class Predictor:
 
     @classmethod
     def from_paths(cls, checkpoint: str | Path, bank: str | Path, device: str = "auto",
-                   max_context: int | None = None) -> "Predictor":
-        return cls(load_checkpoint(checkpoint), load_bank(bank), device, max_context)
+                   max_context: int | None = None,
+                   allow_bank_mismatch: bool = False) -> "Predictor":
+        return cls(load_checkpoint(checkpoint), load_bank(bank), device, max_context,
+                   allow_bank_mismatch, str(bank))
 
     def info(self) -> dict[str, Any]:
         return {
@@ -81,6 +89,7 @@ class Predictor:
             "data": self.meta.get("data"),
             "max_context": self.max_context,
             "bank_size": len(self.bank),
+            "bank_mismatch": self.bank_mismatch,  # non-empty only when explicitly allowed
         }
 
     # ------------------------------------------------------------------ input checks

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from lvm_ray.config import (PAPER_MODEL, Config, ConfigError, load_config, parse_override,
@@ -31,7 +33,8 @@ def test_presets_and_overrides_apply_in_order(tmp_path):
     cfg = load_config(presets=["small", "phase3"], overrides=parse_override("train.lr=3e-4"))
     assert cfg.window.context == 1000 and cfg.run.name == "phase3"
     assert cfg.train.lr == pytest.approx(3e-4)
-    assert load_config(presets=["paper"]).model == PAPER_MODEL
+    # Presets size the model; its input width comes from the bank it trains on.
+    assert load_config(presets=["paper"]).model == dataclasses.replace(PAPER_MODEL, d_in=None)
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(presets=["huge"])
 

@@ -11,6 +11,7 @@ from lvm_ray.data.bank import BankError, load_bank, save_bank
 from lvm_ray.data.chunking import chunk_document
 from lvm_ray.data.encoders import HashingEncoder
 from lvm_ray.data.ingest import (
+    BankConflict,
     IngestError,
     cache_dir_for,
     finish_ingest,
@@ -117,18 +118,44 @@ def test_rerun_reuses_everything(corpus, tmp_path):
     np.testing.assert_array_equal(load_bank(out).vectors, before.vectors)
 
 
-def test_changed_settings_are_not_reused(corpus, tmp_path):
+def test_a_bank_built_from_other_settings_is_never_replaced_silently(corpus, tmp_path):
+    out = tmp_path / "bank.parquet"
+    run(corpus, out, CountingEncode())
+    before = out.read_bytes()
+    enc = CountingEncode()
+    other = CorpusConfig(source="folder", path=corpus.path, sentences_per_chunk=2)
+    with pytest.raises(BankConflict) as e:
+        ingest(other, ENC, SPLIT, out, encode_fn=enc, show_progress=False)
+    msg = str(e.value)
+    # Both sides are named, and the ways out.
+    assert "'sentences_per_chunk': 1" in msg and "'sentences_per_chunk': 2" in msg
+    assert "--bank" in msg and "--overwrite" in msg
+    assert out.read_bytes() == before and enc.calls == 0  # nothing encoded, nothing written
+    # Another encoder, another split, or a file that is no bank at all: refused the same way.
+    with pytest.raises(BankConflict, match="hashing-32"):
+        ingest(corpus, EncoderConfig(name="hashing-32"), SPLIT, out, show_progress=False)
+    with pytest.raises(BankConflict, match="salt"):
+        ingest(corpus, ENC, SplitConfig(salt="other"), out, encode_fn=enc, show_progress=False)
+    junk = tmp_path / "notes.parquet"
+    junk.write_text("my notes, not a bank")
+    with pytest.raises(BankConflict, match="not a readable concept bank"):
+        ingest(corpus, ENC, SPLIT, junk, encode_fn=enc, show_progress=False)
+    assert junk.read_text() == "my notes, not a bank"
+
+
+def test_changed_settings_rebuild_only_with_overwrite(corpus, tmp_path):
     out = tmp_path / "bank.parquet"
     run(corpus, out, CountingEncode())
     enc = CountingEncode()
     res = ingest(CorpusConfig(source="folder", path=corpus.path, sentences_per_chunk=2), ENC,
-                 SPLIT, out, encode_fn=enc, show_progress=False)
+                 SPLIT, out, encode_fn=enc, show_progress=False, overwrite=True)
     assert not res.reused and enc.calls == 1
     assert load_bank(out).meta["chunking"]["sentences_per_chunk"] == 2
     # A different split salt re-splits but re-encodes nothing.
     enc = CountingEncode()
     res = ingest(CorpusConfig(source="folder", path=corpus.path, sentences_per_chunk=2), ENC,
-                 SplitConfig(salt="other"), out, encode_fn=enc, show_progress=False)
+                 SplitConfig(salt="other"), out, encode_fn=enc, show_progress=False,
+                 overwrite=True)
     assert not res.reused and res.reused_docs == 8 and enc.calls == 0
 
 

@@ -41,7 +41,8 @@ def test_accumulation_steps_give_effective_batch():
 
 def test_accumulated_step_equals_one_big_batch():
     """4 micro-batches of 8 accumulate to the same gradient step as one batch of 32."""
-    cfg = load_config(presets=["smoke"], overrides={"loss": {"negatives": "none"}})
+    cfg = load_config(presets=["smoke"], overrides={"loss": {"negatives": "none"},
+                                                    "model": {"d_in": 32}})
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     ctx = torch.randn(32, 5, 32, generator=g)
@@ -63,7 +64,7 @@ def test_accumulated_step_equals_one_big_batch():
 def test_gathered_negatives_see_the_whole_group():
     """With `gathered`, micro-step j's InfoNCE gets the other micro-batches' targets too."""
     seen = []
-    cfg = load_config(presets=["smoke"])
+    cfg = load_config(presets=["smoke"], overrides={"model": {"d_in": 32}})
     import lvm_ray.train.step as step
 
     real = step.lvm_loss

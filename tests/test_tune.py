@@ -50,7 +50,7 @@ def test_load_sweep_reads_tune_section_and_overrides(tmp_path):
                  "  alphas: [0.01, 0.1]\n")
     cfg = load_config(f, ["smoke"], {"tune": {"num_samples": 2}, "loss": {"alpha": 0.5}})
     sweep = cfg.tune
-    assert cfg.train.lr == 0.002 and cfg.loss.alpha == 0.5 and cfg.model.d_in == 32
+    assert cfg.train.lr == 0.002 and cfg.loss.alpha == 0.5 and cfg.model.hidden == 32
     assert sweep.contexts == (4, 8) and sweep.alphas == (0.01, 0.1) and sweep.num_samples == 2
     assert n_trials(sweep) == 2 * 2 * 2
     assert objective_metric(cfg) == "val_bank_hit@5"

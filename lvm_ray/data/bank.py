@@ -8,6 +8,7 @@ settings live in the file's schema metadata under b"lvm_ray".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -69,15 +70,65 @@ class ConceptBank:
         _, first = np.unique(self.doc_ids, return_index=True)
         return [str(self.doc_ids[i]) for i in np.sort(first)]
 
+    def content_hash(self) -> str:
+        """The bank's own fingerprint: recorded in its metadata when it was saved, else computed."""
+        return self.meta.get(CONTENT_HASH) or content_hash(self)
+
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint records about the data it was trained on."""
+        """What a checkpoint records about the data it was trained on. `content` fingerprints
+        the vectors, documents, positions and splits, so a bank rebuilt from other data (or
+        another encoder) never passes for the one a model was trained on."""
         return {
             "encoder": self.meta.get("encoder"),
             "dim": self.dim,
             "corpus": self.meta.get("corpus"),
             "n_concepts": len(self),
             "n_docs": int(len(np.unique(self.doc_ids))),
+            "content": self.content_hash(),
         }
+
+
+CONTENT_HASH = "content_sha256"  # the bank metadata key of content_hash()
+
+
+def content_hash(bank: ConceptBank) -> str:
+    """SHA-256 of the vectors and of the rows' document, position and split: what makes two
+    banks interchangeable for a model and its evaluation. About 1 s per GB of vectors."""
+    h = hashlib.sha256()
+    h.update(f"{len(bank)}x{bank.dim}".encode())
+    h.update(np.ascontiguousarray(bank.vectors, dtype="<f4").tobytes())
+    h.update(np.ascontiguousarray(bank.positions, dtype="<i4").tobytes())
+    for column in (bank.doc_ids, bank.splits):
+        h.update("\x1f".join(map(str, column.tolist())).encode())
+    return h.hexdigest()
+
+
+class BankMismatch(BankError):
+    """A checkpoint is paired with a bank it was not trained on."""
+
+
+def check_identity(recorded: dict[str, Any] | None, bank: ConceptBank, checkpoint: str,
+                   bank_path: str, allow: bool = False) -> list[str]:
+    """Refuse a checkpoint / bank pair that do not belong together (BankMismatch naming both),
+    unless `allow`; returns the differences (empty when they match or nothing was recorded)."""
+    diffs = identity_mismatch(recorded or {}, bank)
+    if diffs and not allow:
+        raise BankMismatch(
+            f"checkpoint {checkpoint} was not trained on the bank {bank_path}: "
+            + "; ".join(diffs) + ". Use the bank it was trained on (its config's bank_path), "
+            "or allow the pair explicitly (lvm evaluate --allow-bank-mismatch; Serve args "
+            "allow_bank_mismatch: true)")
+    return diffs
+
+
+def identity_mismatch(recorded: dict[str, Any], bank: ConceptBank) -> list[str]:
+    """How `bank` differs from the identity a checkpoint recorded (empty: it is that bank).
+    Only recorded fields are compared: an older checkpoint without `content` is checked on the
+    rest."""
+    current = bank.identity()
+    return [f"{k}: trained on {recorded[k]!r}, this bank has {current[k]!r}"
+            for k in ("content", "dim", "n_concepts", "encoder")
+            if k in recorded and recorded[k] is not None and recorded[k] != current[k]]
 
 
 def bank_schema(dim: int) -> pa.Schema:
@@ -98,7 +149,7 @@ def to_table(bank: ConceptBank) -> pa.Table:
     dim = bank.dim
     flat = pa.array(bank.vectors.reshape(-1), type=pa.float32())
     vectors = pa.FixedSizeListArray.from_arrays(flat, dim)
-    meta = dict(bank.meta, dim=dim, format=BANK_FORMAT)
+    meta = dict(bank.meta, dim=dim, format=BANK_FORMAT, **{CONTENT_HASH: content_hash(bank)})
     table = pa.Table.from_arrays(
         [
             pa.array(np.arange(len(bank), dtype=np.int64)),

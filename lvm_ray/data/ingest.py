@@ -141,14 +141,48 @@ def _corpus_meta(cfg: CorpusConfig) -> dict[str, Any]:
     return {"source": cfg.source, "path": cfg.path, "max_docs": cfg.max_docs}
 
 
-def _bank_matches(path: Path, meta: dict[str, Any]) -> bool:
+class BankConflict(BankError):
+    """bank_path holds a bank built from other settings or data; ingest never replaces it
+    unless told to (overwrite)."""
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """A bank's settings in one line, for messages that compare two banks."""
+    corpus = meta.get("corpus") or {}
+    parts = [f"encoder {meta.get('encoder')}",
+             f"corpus {corpus.get('source')}"
+             + (f" {corpus['path']}" if corpus.get("path") else "")
+             + (f" (first {corpus['max_docs']} documents)" if corpus.get("max_docs") else ""),
+             f"chunking {meta.get('chunking')}", f"split {meta.get('split')}"]
+    return ", ".join(parts)
+
+
+def reuse_existing(path: Path, meta: dict[str, Any], overwrite: bool = False) -> bool:
+    """True when `path` already holds exactly the bank `meta` describes (nothing to do); False
+    when there is none, or overwrite allows replacing it. Raises BankConflict otherwise, naming
+    both, so a user's bank is never replaced by accident."""
     if not path.exists():
         return False
     try:
         existing = read_bank_meta(path)
-    except Exception:  # unreadable footer: rebuild rather than fail
+    except Exception as e:  # noqa: BLE001  any unreadable footer: refuse below, never guess
+        existing, unreadable = None, f"{type(e).__name__}: {e}"
+    else:
+        unreadable = None
+    if existing is not None and all(existing.get(k) == v for k, v in meta.items()):
+        return True
+    if overwrite:
+        log.warning("replacing %s (--overwrite)", path)
         return False
-    return all(existing.get(k) == v for k, v in meta.items())
+    what = (f"is not a readable concept bank ({unreadable})" if existing is None else
+            f"holds a bank built from {describe(existing)}")
+    if existing is not None and all(existing.get(k) == meta.get(k) for k in meta
+                                    if k != "fingerprint"):
+        what += " (the same settings, but the documents have changed since)"
+    raise BankConflict(
+        f"{path} {what}; this run asks for {describe(meta)}. Nothing was written. Use the "
+        f"existing bank as it is with `--bank {path}` (corpus.source=bank), choose another "
+        "bank_path, or rebuild it with `lvm ingest ... --overwrite`")
 
 
 def cache_dir_for(out_path: str | Path) -> Path:
@@ -157,8 +191,10 @@ def cache_dir_for(out_path: str | Path) -> Path:
 
 
 def plan_ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg: SplitConfig,
-                out_path: str | Path, show_progress: bool = False) -> IngestPlan:
-    """Load and chunk the corpus, and find which documents are already cached. Loads no model."""
+                out_path: str | Path, show_progress: bool = False,
+                overwrite: bool = False) -> IngestPlan:
+    """Load and chunk the corpus, and find which documents are already cached. Loads no model.
+    Raises BankConflict when out_path holds another bank (unless overwrite)."""
     out_path = Path(out_path)
     docs, skipped = load_documents(corpus_cfg)
     enc_key = encoder_key(encoder_cfg)
@@ -188,7 +224,7 @@ def plan_ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg:
         "fingerprint": fingerprint,
     }
     return IngestPlan(out_path=out_path, cache_dir=cache_dir, docs=plans, skipped=skipped,
-                      split_cfg=split_cfg, meta=meta, reuse_bank=_bank_matches(out_path, meta),
+                      split_cfg=split_cfg, meta=meta, reuse_bank=reuse_existing(out_path, meta, overwrite),
                       cache_hits=sum(d.cached for d in plans))
 
 
@@ -248,18 +284,19 @@ def finish_ingest(plan: IngestPlan,
 
 def ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg: SplitConfig,
            out_path: str | Path, encode_fn: EncodeFn | None = None, show_progress: bool = True,
-           chunks_per_call: int = 1024) -> IngestResult:
+           chunks_per_call: int = 1024, overwrite: bool = False) -> IngestResult:
     """Build (or reuse) the concept bank at out_path.
 
     encode_fn(texts) -> (N, D) replaces the local encoder; it is called on groups of whole
     documents of about `chunks_per_call` chunks, and each group is cached before the next, so an
     interrupted run resumes where it stopped. source 'bank' validates cfg.path and returns it
-    (out_path is not written; read result.bank_path); 'synthetic' writes make_synthetic_bank."""
+    (out_path is not written; read result.bank_path); 'synthetic' writes make_synthetic_bank.
+    A bank at out_path built from other settings is never replaced unless overwrite."""
     if corpus_cfg.source == "bank":
         return _validate_bank(corpus_cfg)
     if corpus_cfg.source == "synthetic":
-        return _ingest_synthetic(corpus_cfg, split_cfg, Path(out_path))
-    plan = plan_ingest(corpus_cfg, encoder_cfg, split_cfg, out_path, show_progress)
+        return _ingest_synthetic(corpus_cfg, split_cfg, Path(out_path), overwrite)
+    plan = plan_ingest(corpus_cfg, encoder_cfg, split_cfg, out_path, show_progress, overwrite)
     todo = plan.todo
     if todo and encode_fn is None:
         encoder = get_encoder(encoder_cfg)  # loaded only when something needs encoding
@@ -289,11 +326,12 @@ def ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg: Spli
     return finish_ingest(plan)
 
 
-def _ingest_synthetic(cfg: CorpusConfig, split_cfg: SplitConfig, out_path: Path) -> IngestResult:
+def _ingest_synthetic(cfg: CorpusConfig, split_cfg: SplitConfig, out_path: Path,
+                      overwrite: bool = False) -> IngestResult:
     bank = make_synthetic_bank(n_docs=cfg.max_docs or 24, split_cfg=split_cfg)
     bank.meta["corpus"] = _corpus_meta(cfg)
     n_docs = len(bank.doc_order())
-    reused = _bank_matches(out_path, bank.meta)
+    reused = reuse_existing(out_path, bank.meta, overwrite)
     if not reused:
         save_bank(bank, out_path)
     return IngestResult(out_path, n_docs, len(bank), [], reused, n_docs if reused else 0)

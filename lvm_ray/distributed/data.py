@@ -33,12 +33,13 @@ class EncodeBatch:
 
 
 def ingest_with_ray(cfg: Config, out_path: str | Path, num_encoders: int | None = None,
-                    batch_size: int | None = None) -> IngestResult:
+                    batch_size: int | None = None, overwrite: bool = False) -> IngestResult:
     """Like lvm_ray.data.ingest.ingest, with the encoding fanned out over Ray Data actors."""
     import ray
     import ray.data
 
-    plan = plan_ingest(cfg.corpus, cfg.encoder, cfg.split, out_path, show_progress=True)
+    plan = plan_ingest(cfg.corpus, cfg.encoder, cfg.split, out_path, show_progress=True,
+                       overwrite=overwrite)
     if plan.reuse_bank or not plan.todo:
         return finish_ingest(plan, {})
     pending = plan.pending_chunks()

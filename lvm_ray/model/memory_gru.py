@@ -294,6 +294,9 @@ class GRUModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.d_in is None:
+        raise ValueError("model.d_in is unset: training takes it from the bank; give it "
+                         "explicitly to build a model without one")
     if cfg.kind == "memory_gru":
         return MemoryGRU(cfg)
     if cfg.kind == "gru":

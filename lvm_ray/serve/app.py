@@ -49,9 +49,9 @@ def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] 
 
     bank = path(a.bank)
     phase2 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
-        PHASE2, path(a.phase2_checkpoint), bank, a.device)
+        PHASE2, path(a.phase2_checkpoint), bank, a.device, a.allow_bank_mismatch)
     phase3 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
-        PHASE3, path(a.phase3_checkpoint), bank, a.device)
+        PHASE3, path(a.phase3_checkpoint), bank, a.device, a.allow_bank_mismatch)
     encoder = TextEncoder.options(**opts("TextEncoder")).bind(bank, a.encoder)
     app = Router.options(**opts("Router")).bind(phase2, phase3, encoder, key)
     if options:

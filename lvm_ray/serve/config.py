@@ -26,6 +26,9 @@ class AppArgs:
     # either, each deploy makes a new key and earlier sessions stop verifying.
     session_key: str | None = None
     device: str = "cpu"
+    # A checkpoint is served only with the bank it was trained on (its recorded identity);
+    # true serves the pair anyway, and /v1/models then lists the differences.
+    allow_bank_mismatch: bool = False
 
 
 @dataclass(frozen=True)

@@ -59,11 +59,13 @@ def _client_error(status: int, detail: str) -> dict[str, Any]:
 class ModelServer:
     """One checkpoint + the concept bank (FAISS index) behind @serve.batch methods."""
 
-    def __init__(self, name: str, checkpoint: str, bank: str, device: str = "cpu"):
+    def __init__(self, name: str, checkpoint: str, bank: str, device: str = "cpu",
+                 allow_bank_mismatch: bool = False):
         self.name = name
         self.checkpoint = checkpoint
         ckpt_dir = localize(checkpoint)
-        self.predictor = Predictor.from_paths(ckpt_dir, localize(bank), device=device)
+        self.predictor = Predictor.from_paths(ckpt_dir, localize(bank), device=device,
+                                              allow_bank_mismatch=allow_bank_mismatch)
         cfg = self.predictor.model.cfg
         self.state_shape = (cfg.layers, cfg.hidden)
         self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
@@ -85,7 +87,7 @@ class ModelServer:
                 "state_shape": list(self.state_shape), "n_parameters": i["n_parameters"],
                 "model_config": i["model_config"], "epoch": i["epoch"],
                 "val_metrics": i["metrics"], "test_metrics": i["test_metrics"],
-                "bank_size": i["bank_size"],
+                "bank_size": i["bank_size"], "bank_mismatch": i["bank_mismatch"],
                 "bank_encoder": self.predictor.bank.meta.get("encoder"),
                 "lanes": self.lanes, "lanes_reason": self.lanes_reason,
                 "user_config": to_dict(self.user),

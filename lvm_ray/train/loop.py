@@ -128,6 +128,32 @@ def steps_per_epoch(n_rank_windows: int, cfg: TrainConfig, world_size: int) -> i
     return n_rank_windows // cfg.micro_batch // accumulation_steps(cfg, world_size)
 
 
+def check_steps(n_rank_windows: int, cfg: TrainConfig, world_size: int) -> int:
+    """Optimiser steps per epoch; ValueError when the data cannot fill even one."""
+    spe = steps_per_epoch(n_rank_windows, cfg, world_size)
+    if spe < 1:
+        raise ValueError(f"too few training windows ({n_rank_windows} per worker) for one "
+                         f"optimiser step of {cfg.batch_size}; lower train.batch_size or add "
+                         "data")
+    return spe
+
+
+def windows_per_rank(n_windows: int, cfg: TrainConfig, world_size: int) -> int:
+    """How many training windows each rank sees per epoch (max_train_windows caps the total)."""
+    n = n_windows if cfg.max_train_windows is None else min(n_windows, cfg.max_train_windows)
+    return n // world_size
+
+
+def with_bank_width(cfg: Config, bank: ConceptBank) -> Config:
+    """cfg with model.d_in taken from the bank when unset; a set value must match it."""
+    if cfg.model.d_in is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_in=bank.dim))
+    if cfg.model.d_in != bank.dim:
+        raise ValueError(f"bank vectors are {bank.dim}-d but model.d_in={cfg.model.d_in}; "
+                         "leave model.d_in unset to take it from the bank")
+    return cfg
+
+
 def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         rt: Runtime) -> dict[str, Any]:
     """Train with early stopping on the val selection metric; returns the final summary.
@@ -136,18 +162,13 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     A checkpoint (weights + full training state) is written whenever val improves; resuming from
     one restores model, optimiser, scheduler, epoch, early stopping and RNG, so a restarted run
     continues exactly where the uninterrupted one would have."""
+    cfg = with_bank_width(cfg, bank)
     tc, device, coll = cfg.train, rt.device, rt.collective
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model).to(device)
-    if bank.dim != cfg.model.d_in:
-        raise ValueError(f"bank vectors are {bank.dim}-d but model.d_in={cfg.model.d_in}")
     opt = make_optimizer(model, tc)
     accum = accumulation_steps(tc, coll.world_size)
-    n_rank = len(rt.epoch_indices(0))
-    spe = steps_per_epoch(n_rank, tc, coll.world_size)
-    if spe < 1:
-        raise ValueError(f"too few training windows ({n_rank} per worker) for one optimiser "
-                         f"step of {tc.batch_size}; lower train.batch_size or add data")
+    spe = check_steps(len(rt.epoch_indices(0)), tc, coll.world_size)
     sched = make_scheduler(opt, tc, spe * tc.max_epochs)
     stopper = EarlyStopping(tc.patience)
     start_epoch = 0

@@ -122,7 +122,8 @@ def run_row(base: Config, row: Row, out_dir: Path, use_ray: bool = False,
     cfg = row_config(base, row, out_dir)
     say(f"ablation row {row.name}: {row.change}")
     t0 = time.perf_counter()
-    summary = train_and_evaluate(cfg, use_ray=use_ray)
+    # An interrupted row continues (same config only); --force trains it afresh.
+    summary = train_and_evaluate(cfg, use_ray=use_ray, resume=not force, overwrite=force)
     results = summary["results"]
     model = next(n for n in results if not is_baseline(n))
     best = best_baseline(results)

@@ -29,7 +29,10 @@ from lvm_ray.workflows.train import train_and_evaluate
 
 def run_demo(quick: bool = False, serve: bool = True) -> int:
     t0 = time.perf_counter()
-    overrides = {"corpus": {"max_docs": 30}, "train": {"max_epochs": 2}} if quick else {}
+    # --quick has its own bank and runs: it never overwrites (or is served as) the full demo's.
+    overrides = {"corpus": {"max_docs": 30}, "train": {"max_epochs": 2},
+                 "bank_path": "data/sotu_demo_quick_bank.parquet",
+                 "run": {"storage_path": "runs/demo_quick"}} if quick else {}
     base = load_config(presets=["demo"], overrides=overrides)
     init_ray()
     say(f"1/4 ingest: first {base.corpus.max_docs} State of the Union speeches, "
@@ -41,7 +44,8 @@ def run_demo(quick: bool = False, serve: bool = True) -> int:
         cfg = merge(load_config(presets=["demo", phase]), overrides)
         say(f"{step}/4 train {phase}: context {cfg.window.context}, {cfg.model.kind} "
             f"hidden {cfg.model.hidden}, {cfg.scaling.num_workers} Ray Train workers")
-        summaries[phase] = train_and_evaluate(cfg, use_ray=True, bank=bank)
+        # Each `make demo` trains afresh: the demo's runs are its own to replace.
+        summaries[phase] = train_and_evaluate(cfg, use_ray=True, bank=bank, overwrite=True)
 
     # Both phases use `document` windows, so their test targets are the same windows and one
     # set of baselines serves both.

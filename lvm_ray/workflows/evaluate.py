@@ -4,20 +4,21 @@ training run, by `lvm evaluate`, and for a sweep's best trial."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from lvm_ray.config import Config, WindowConfig, from_dict
-from lvm_ray.data.bank import ConceptBank
+from lvm_ray.config import Config, ConfigError, from_dict, load_config
+from lvm_ray.console import say
+from lvm_ray.data.bank import ConceptBank, check_identity
 from lvm_ray.eval.compare import evaluate_on_windows, lanes_of
 from lvm_ray.eval.lanes import lane_document, write_lanes
 from lvm_ray.eval.report import (markdown_report, plot_comparison, plot_training_curves,
                                  summary_table, write_report)
 from lvm_ray.eval.sweep import objective_metric, trial_config
 from lvm_ray.train.checkpoint import load_checkpoint
-from lvm_ray.workflows.prepare import Windows, ensure_bank, prepare_windows
+from lvm_ray.train.loop import with_bank_width
+from lvm_ray.workflows.prepare import Windows, prepare_windows, read_bank
 
 TEST_METRICS = "test_metrics.json"
 
@@ -48,29 +49,57 @@ def evaluate_run(cfg: Config, bank: ConceptBank, ws: Windows, best: Path, run_di
             "results": results, "table": summary_table(results)}
 
 
-def evaluate_checkpoints(ckpts: dict[str, str], cfg: Config, split: str = "test",
-                         out_dir: str | Path = "runs/evaluate") -> dict[str, Any]:
-    """`lvm evaluate`: several checkpoints, each on the windows of its own training config
-    (context length may differ), with the baselines on those same windows."""
-    bank = ensure_bank(cfg)
-    out_dir = Path(out_dir)
-    lanes = lanes_of(cfg, bank)
+def checkpoint_config(meta: dict[str, Any], config_path: str | None = None,
+                      presets: list[str] | tuple[str, ...] = (),
+                      overrides: dict[str, Any] | None = None) -> Config:
+    """The config a checkpoint was trained with (corpus, bank, windows, eval), with the user's
+    --config / --preset / --set applied on top."""
+    recorded = meta.get("config") or {}
+    base = from_dict(Config, recorded) if recorded else Config()
+    return load_config(config_path, presets, overrides, base=base)
+
+
+def evaluate_checkpoints(ckpts: dict[str, str], config_path: str | None = None,
+                         presets: list[str] | tuple[str, ...] = (),
+                         overrides: dict[str, Any] | None = None, split: str = "test",
+                         out_dir: str | Path | None = None,
+                         allow_bank_mismatch: bool = False) -> dict[str, Any]:
+    """`lvm evaluate`: several checkpoints, each on the windows of its own recorded training
+    config (context length may differ), with the baselines on those same windows. Reads the
+    bank the checkpoints were trained on (never ingests one) and refuses a bank they were not
+    trained on. Writes only to out_dir (default runs/evaluate/<names>)."""
+    loaded = {name: load_checkpoint(path) for name, path in ckpts.items()}
+    cfgs = {name: checkpoint_config(ck.meta, config_path, presets, overrides)
+            for name, ck in loaded.items()}
+    paths = {c.bank_path for c in cfgs.values()}
+    if len(paths) > 1:
+        raise ConfigError(f"the checkpoints were trained on different banks {sorted(paths)}; "
+                          "evaluate them on one with --bank PATH")
+    first = next(iter(cfgs.values()))
+    bank = read_bank(first)
+    for name, ck in loaded.items():
+        diffs = check_identity(ck.meta.get("data"), bank, ckpts[name], first.bank_path,
+                               allow_bank_mismatch)
+        if diffs:
+            say(f"warning: {name} was not trained on {first.bank_path} ({'; '.join(diffs)}); "
+                "evaluating anyway (--allow-bank-mismatch)")
+    out_dir = Path(out_dir or Path("runs/evaluate") / "+".join(ckpts))
+    lanes = lanes_of(first, bank)
     all_results: dict[str, dict[str, Any]] = {}
-    for name, path in ckpts.items():
-        ck = load_checkpoint(path)
-        win = ck.meta.get("config", {}).get("window")
-        ccfg = cfg if win is None else dataclasses.replace(cfg, window=from_dict(WindowConfig, win))
+    for name, ck in loaded.items():
+        ccfg = with_bank_width(cfgs[name], bank)
         ws = prepare_windows(ccfg, bank)
         eval_ws = ws.test if split == "test" else ws.val
         res = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, eval_ws, ccfg,
                                   None if lanes is None else lanes.ids)
         if lanes is not None and split == "test":
-            write_lanes(path, lane_document(res, name, lanes, split))
+            write_lanes(out_dir / name, lane_document(res, name, lanes, split))
         for k, v in res.items():
             key = k if k == name else f"{k} @L={ccfg.window.context}"
             all_results.setdefault(key, v)
     report = write_report(all_results, out_dir, f"lvm_ray evaluation on {split}",
-                          {"split": split, "encoder": bank.meta.get("encoder"),
+                          {"split": split, "bank": first.bank_path,
+                           "encoder": bank.meta.get("encoder"),
                            "checkpoints": ", ".join(f"{k}={v}" for k, v in ckpts.items())})
     return {"report": str(report), "results": all_results, "table": summary_table(all_results)}
 

@@ -8,29 +8,46 @@ from pathlib import Path
 
 from lvm_ray.config import Config
 from lvm_ray.console import say
-from lvm_ray.data.bank import ConceptBank, load_bank
+from lvm_ray.data.bank import BankError, ConceptBank, load_bank
 from lvm_ray.data.ingest import ingest
 from lvm_ray.data.windows import WindowSet, check_split_disjoint, check_windows, make_windows
 from lvm_ray.distributed.data import ingest_with_ray, read_bank_with_ray
 
 
-def ensure_bank(cfg: Config, use_ray: bool = False) -> ConceptBank:
+def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False) -> ConceptBank:
     """Load cfg.bank_path, ingesting the corpus first if needed (cached, resumable). With use_ray,
-    ingest embeds through Ray Data actors and the bank is read with ray.data.read_parquet."""
+    ingest embeds through Ray Data actors and the bank is read with ray.data.read_parquet.
+    A bank at bank_path built from other settings is refused, never replaced, unless
+    overwrite (ingest.reuse_existing)."""
     bank_path = Path(cfg.bank_path)
     if cfg.corpus.source == "bank":
         # Someone else's bank: checked (finite unit vectors, splits, document order) before use.
         corpus = dataclasses.replace(cfg.corpus, path=cfg.corpus.path or cfg.bank_path)
         bank_path = ingest(corpus, cfg.encoder, cfg.split, bank_path).bank_path
     elif use_ray and cfg.corpus.source != "synthetic":
-        res = ingest_with_ray(cfg, bank_path)
+        res = ingest_with_ray(cfg, bank_path, overwrite=overwrite)
         say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
             f"({'reused' if res.reused else 'built'} with Ray Data)")
     else:
-        res = ingest(cfg.corpus, cfg.encoder, cfg.split, bank_path)
+        res = ingest(cfg.corpus, cfg.encoder, cfg.split, bank_path, overwrite=overwrite)
         say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
             f"({'reused' if res.reused else 'built'})")
     bank = read_bank_with_ray(bank_path) if use_ray else load_bank(bank_path)
+    check_split_disjoint(bank)
+    return bank
+
+
+def read_bank(cfg: Config) -> ConceptBank:
+    """The bank at cfg.bank_path as it is (checked when corpus.source is 'bank'); never ingests.
+    For commands that use an existing bank: evaluate."""
+    path = Path(cfg.corpus.path if cfg.corpus.source == "bank" and cfg.corpus.path
+                else cfg.bank_path)
+    if cfg.corpus.source == "bank":
+        ingest(dataclasses.replace(cfg.corpus, path=str(path)), cfg.encoder, cfg.split, path)
+    elif not path.exists():
+        raise BankError(f"concept bank {path} not found; build it with `lvm ingest` or point to "
+                        "another with --bank PATH")
+    bank = load_bank(path)
     check_split_disjoint(bank)
     return bank
 
