@@ -19,7 +19,7 @@ from typing import Any
 
 from lvm_ray.config import (PRESETS, Config, ConfigError, deep_update, load_config, merge,
                             parse_overrides)
-from lvm_ray.distributed.runtime import init_ray
+from lvm_ray.distributed.runtime import RayUnreachable, init_ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,6 +38,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank", metavar="PATH",
                    help="use this existing concept bank as it is (corpus.source=bank, "
                         "bank_path=PATH): no corpus settings needed")
+
+
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", metavar="local|auto|HOST:PORT",
+                   help="the Ray cluster to use: local (a new one here), auto (the one `ray "
+                        "start` recorded), or a head's HOST:PORT. Default: RAY_ADDRESS, else the "
+                        "recorded cluster if it answers, else a new local Ray")
 
 
 def presets_of(args: argparse.Namespace) -> list[str]:
@@ -68,7 +75,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.ray:
-        init_ray()
+        init_ray(address=args.address, verbose=args.verbose)
     bank = ensure_bank(cfg, use_ray=args.ray, overwrite=args.overwrite)
     print(json.dumps({"bank": cfg.bank_path, "concepts": len(bank), "dim": bank.dim,
                       "encoder": bank.meta.get("encoder")}, indent=2))
@@ -82,11 +89,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.workers is not None:
         cfg = merge(cfg, {"scaling": {"num_workers": args.workers}})
     if not args.local:
-        init_ray()
+        init_ray(address=args.address, verbose=args.verbose)
     summary = train_and_evaluate(cfg, use_ray=not args.local, record_pids=args.record_pids,
-                                 resume=args.resume, overwrite=args.overwrite)
+                                 resume=args.resume, overwrite=args.overwrite,
+                                 verbose=args.verbose)
     print(summary["table"])
-    print(f"\nartifacts: {summary['run_dir']}")
+    print(f"\n{summary['verdict']}\nartifacts: {summary['run_dir']} (report.md, "
+          "training_curves.png, best/)")
     return 0
 
 
@@ -112,7 +121,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from lvm_ray.workflows.sweep import run_sweep
 
     cfg = config_from_args(args, {"tune": {"name": args.name}} if args.name else None)
-    init_ray(args.num_cpus)
+    init_ray(args.num_cpus, address=args.address, verbose=args.verbose)
     # A smoke test is meant to be rerun: it starts over unless asked to resume.
     res = run_sweep(cfg, resume=args.resume,
                     overwrite=args.overwrite or (args.smoke_test and not args.resume))
@@ -133,7 +142,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lvm_ray.serve.deploy import run_config
 
-    init_ray()
+    init_ray(address=args.address, verbose=args.verbose)
     run_config(args.serve_config, blocking=True)
     return 0
 
@@ -143,7 +152,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if args.ray:
-        init_ray()
+        init_ray(address=args.address, verbose=args.verbose)
     rows = [r for r in (args.rows or "").split(",") if r] or None
     out = run_ablation(cfg, rows, args.out, use_ray=args.ray, config_path=args.config,
                        presets=presets_of(args), extra=parse_overrides(args.overrides),
@@ -156,17 +165,19 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lvm_ray.workflows.demo import run_demo
 
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, address=args.address, verbose=args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lvm", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's own logs and warnings (hidden by default)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="documents -> chunks -> embeddings -> Parquet bank")
     add_config_args(p)
     p.add_argument("--ray", action="store_true", help="embed with a Ray Data pipeline")
+    add_address_arg(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a bank at bank_path that was built from other settings or data "
                         "(without it, such a bank is never touched)")
@@ -176,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--workers", type=int, help="Ray Train workers (overrides scaling)")
     p.add_argument("--local", action="store_true", help="plain PyTorch loop, no Ray")
+    add_address_arg(p)
     p.add_argument("--record-pids", action="store_true",
                    help="write every worker's pid under RUN_DIR/worker_pids (fault tests)")
     p.add_argument("--resume", action="store_true",
@@ -205,12 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete an existing sweep directory of the same name and start over")
     p.add_argument("--name", help="sweep name (tune.name): the directory under the storage path")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    add_address_arg(p)
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("serve", help="deploy a Serve config (hybrid router) and serve until "
                                      "Ctrl-C")
     p.add_argument("serve_config", nargs="?", default="serve_configs/hybrid.yaml",
                    help="Serve config file (default: serve_configs/hybrid.yaml)")
+    add_address_arg(p)
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("ablate", help="the ablation table: one trained checkpoint per row")
@@ -218,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", help="comma-separated row names (default: all rows)")
     p.add_argument("--out", help="table directory (default: RUN_STORAGE/ablations)")
     p.add_argument("--ray", action="store_true", help="train each row with Ray Train")
+    add_address_arg(p)
     p.add_argument("--force", action="store_true", help="retrain rows that already have results")
     p.set_defaults(fn=cmd_ablate)
 
     p = sub.add_parser("demo", help="the main job on the embedded corpus")
     p.add_argument("--quick", action="store_true", help="smaller subset, for a fast look")
+    add_address_arg(p)
     p.set_defaults(fn=cmd_demo)
     return parser
 
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # AVX probing is not news
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RayUnreachable) as e:
         # Bad input is the user's to fix: one clear line (a YAML error spans several), non-zero
         # exit, no traceback.
         print(f"lvm {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

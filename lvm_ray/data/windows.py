@@ -124,6 +124,18 @@ def make_windows(bank: ConceptBank, split: str, cfg: WindowConfig) -> WindowSet:
     return WindowSet(split, rows, start[ok], end, cfg.context, cfg.policy)
 
 
+def short_documents(bank: ConceptBank, cfg: WindowConfig) -> tuple[int, int]:
+    """(documents, concepts) that give no window under the `document` policy: documents of at
+    most min_context concepts have no target after a long enough context. (0, 0) for `stream`,
+    whose windows run across documents."""
+    if cfg.policy != "document" or len(bank) == 0:
+        return 0, 0
+    new_doc = np.r_[True, bank.doc_ids[1:] != bank.doc_ids[:-1]]
+    lengths = np.diff(np.r_[np.flatnonzero(new_doc), len(bank)])
+    short = lengths <= cfg.min_context
+    return int(short.sum()), int(lengths[short].sum())
+
+
 def check_windows(bank: ConceptBank, ws: WindowSet) -> None:
     """Fail loudly if any window reaches outside its split or (document policy) its document,
     or holds more than L context vectors. Vectorised: O(M) whatever L is."""

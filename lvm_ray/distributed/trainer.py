@@ -21,12 +21,15 @@ import numpy as np
 import torch
 
 from lvm_ray.config import Config, from_dict, to_dict
+from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import WindowSet
 from lvm_ray.eval.metrics import select_key
 from lvm_ray.storage import absolute, is_uri, write_text
 from lvm_ray.train.checkpoint import CheckpointError, load_train_state, read_meta
 from lvm_ray.train.loop import Runtime, fit
+from lvm_ray.train.tracking import (MlflowTracker, NoTracker, TensorBoardTracker, Tracker,
+                                    WandbTracker, check_available, flat_params, mlflow_uri)
 
 log = logging.getLogger(__name__)
 HISTORY = "training_history.json"
@@ -64,6 +67,34 @@ def run_dir_of(cfg: Config) -> str:
     return f"{absolute(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
 
 
+def make_ray_tracker(cfg: Config, run_dir: str) -> Tracker:
+    """The tracker through Ray Train's own integrations: `setup_mlflow` / `setup_wandb` hand
+    rank 0 a live session and the other ranks a no-op; TensorBoard is written by rank 0."""
+    import ray.train
+
+    kind = cfg.run.tracking
+    check_available(kind)
+    if kind == "mlflow":
+        from ray.air.integrations.mlflow import setup_mlflow
+
+        mlflow = setup_mlflow(config=flat_params(cfg), tracking_uri=mlflow_uri(cfg, run_dir),
+                              experiment_name=cfg.run.name, run_name=cfg.run.name,
+                              create_experiment_if_not_exists=True, rank_zero_only=True)
+        return MlflowTracker(cfg, run_dir, mlflow_module=mlflow)
+    if kind == "wandb":
+        from ray.air.integrations.wandb import setup_wandb
+
+        run = setup_wandb(config=flat_params(cfg), project="lvm_ray", name=cfg.run.name,
+                          dir=run_dir, mode="offline", rank_zero_only=True)
+        return WandbTracker(cfg, run_dir, wandb_run=run)
+    if kind == "tensorboard" and ray.train.get_context().get_world_rank() == 0:
+        if is_uri(run_dir):
+            raise ValueError("run.tracking=tensorboard writes event files under a local run "
+                             "directory; use mlflow with a tracking server for URI storage")
+        return TensorBoardTracker(run_dir)
+    return NoTracker()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs."""
     import ray
@@ -82,9 +113,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if not config.get("verbose"):
+        # Ray Train logs every report's whole TrainingReport (all metrics) at INFO from a logger
+        # named by its file path, which LoggingConfig(log_level) does not reach.
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     run_dir = config["run_dir"]
     node_id = ray.get_runtime_context().get_node_id()
-    print(f"[lvm] rank {rank}/{world}: pid {os.getpid()} on node {node_id}", flush=True)
+    say(f"rank {rank}/{world}: pid {os.getpid()} on node {node_id}")
     if rank == 0 or config.get("record_pids"):
         # Operators (and the fault-injection test) find the worker processes here.
         write_text(f"{run_dir}/worker_pids/rank{rank}.pid", str(os.getpid()))
@@ -109,10 +146,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     history_rows: list[dict[str, Any]] = []
     ckpt_root = Path(tempfile.mkdtemp(prefix="lvm_ckpt_"))
+    tracker = make_ray_tracker(cfg, run_dir)
 
     def report(row: dict[str, Any], ckpt_dir: Path | None) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, bool, str))}
         history_rows.append(metrics)
+        tracker.log(metrics, step=int(row["epoch"]))
         if rank == 0:
             write_text(f"{run_dir}/{HISTORY}", json.dumps(resumed_history + history_rows,
                                                           indent=2))
@@ -138,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = load_train_state(resume_from) or {}
         resumed_history = json.loads(state.get("history_json", "[]"))
         if rank == 0:
-            print(f"[lvm] resuming from checkpoint of epoch {state.get('epoch')}", flush=True)
+            say(f"resuming from checkpoint of epoch {state.get('epoch')}")
 
     rt = Runtime(
         epoch_indices=epoch_indices,
@@ -149,7 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint_root=ckpt_root,
         resume_from=resume_from,
     )
-    fit(cfg, bank, train_ws, val_ws, rt)
+    try:
+        fit(cfg, bank, train_ws, val_ws, rt)
+    finally:
+        tracker.close()
 
 
 @dataclass
@@ -163,7 +205,7 @@ class TrainRun:
 
 def build_trainer(cfg: Config, bank_ref: Any, train_ws: WindowSet, val_ws: WindowSet, *,
                   storage_path: str, name: str, use_gpu: bool, gpus_per_worker: float = 1.0,
-                  record_pids: bool = False, callbacks: tuple = ()):
+                  record_pids: bool = False, callbacks: tuple = (), verbose: bool = False):
     """The TorchTrainer for one run: window-id dataset, scaling from cfg.scaling, checkpoints
     kept by the val selection metric. Shared by train_with_ray and multi-worker Tune trials."""
     import pyarrow as pa
@@ -190,6 +232,7 @@ def build_trainer(cfg: Config, bank_ref: Any, train_ws: WindowSet, val_ws: Windo
             "val_ws_ref": ray.put(val_ws),
             "run_dir": f"{storage_path.rstrip('/')}/{name}",
             "record_pids": record_pids,
+            "verbose": verbose,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -204,6 +247,8 @@ def build_trainer(cfg: Config, bank_ref: Any, train_ws: WindowSet, val_ws: Windo
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=select, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # Train's own INFO lines (resource requests, every report's full dict) only with -v.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
         ),
         datasets={"train": ray.data.from_arrow(window_table)},
     )
@@ -235,7 +280,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
 
 
 def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
-                   record_pids: bool = False) -> TrainRun:
+                   record_pids: bool = False, verbose: bool = False) -> TrainRun:
     """Driver side: run the TorchTrainer, fetch the best checkpoint and the history."""
     import ray
 
@@ -247,10 +292,10 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
     if not is_uri(run_dir):
         resume = resume_checkpoint(Path(run_dir))
         if resume is not None:
-            print(f"[lvm] run {run_dir} exists: resuming from {resume.name}", flush=True)
+            say(f"run {run_dir} exists: resuming from {resume.name}")
     trainer = build_trainer(cfg, ray.put(bank), train_ws, val_ws,
                             storage_path=absolute(cfg.run.storage_path), name=cfg.run.name,
-                            use_gpu=bool(use_gpu), record_pids=record_pids)
+                            use_gpu=bool(use_gpu), record_pids=record_pids, verbose=verbose)
     result = trainer.fit()
     if not result.best_checkpoints:
         raise RuntimeError(f"training reported no checkpoint; see {run_dir}")

@@ -35,6 +35,7 @@ from lvm_ray.eval.sweep import (EPOCHS_RUN, TrialRecord, check_comparable, n_tri
                                 objective_metric, trial_config)
 from lvm_ray.storage import absolute, is_uri
 from lvm_ray.train.loop import Runtime, fit, local_epoch_indices
+from lvm_ray.train.tracking import check_available, mlflow_uri, tracking_key
 
 SWEEP_STATE = "sweep.json"  # the sweep's configs, so --resume can refuse a changed sweep
 STARTS = "trial_starts"  # one JSON-lines file per trial: every start, resume and end
@@ -87,7 +88,9 @@ def lvm_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    cfg = trial_config(from_dict(Config, shared["base"]), config)
+    # Tune's logger callbacks track each trial (tracking_callbacks); the trial itself does not.
+    cfg = merge(trial_config(from_dict(Config, shared["base"]), config),
+                {"run": {"tracking": "none"}})
     bank: ConceptBank = ray.get(shared["bank"])
     trial_id = tune.get_context().get_trial_id()
     restored = tune.get_checkpoint()
@@ -153,6 +156,33 @@ def _fit_with_ray_train(cfg: Config, bank_ref, train_ws, val_ws, storage: str,
     build_trainer(cfg, bank_ref, train_ws, val_ws, storage_path=storage, name=trial_id,
                   use_gpu=s.gpus_per_worker > 0, gpus_per_worker=s.gpus_per_worker,
                   callbacks=(_epochs_report_callback(),)).fit()
+
+
+def tracking_callbacks(cfg: Config, sweep_dir: str) -> list:
+    """Tune's own logger callbacks for cfg.run.tracking: one MLflow run / TensorBoard log /
+    W&B run per trial, written by the driver."""
+    kind = cfg.run.tracking
+    check_available(kind)
+    if kind == "mlflow":
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        class Callback(MLflowLoggerCallback):
+            def log_trial_result(self, iteration, trial, result):
+                # MLflow refuses '@' in names: the same names as lvm_ray's own trackers.
+                super().log_trial_result(iteration, trial, {tracking_key(k): v
+                                                            for k, v in result.items()})
+
+        return [Callback(tracking_uri=mlflow_uri(cfg, sweep_dir),
+                         experiment_name=cfg.tune.name, save_artifact=False)]
+    if kind == "tensorboard":
+        from ray.tune.logger import TBXLoggerCallback
+
+        return [TBXLoggerCallback()]  # events in each trial's directory
+    if kind == "wandb":
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        return [WandbLoggerCallback(project="lvm_ray", group=cfg.tune.name, mode="offline")]
+    return []
 
 
 def trial_dirname(trial) -> str:
@@ -238,6 +268,7 @@ def run_trials(cfg: Config, bank: ConceptBank, sweep_dir: str,
                 trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=s.name, storage_path=sweep_dir.rsplit("/", 1)[0],
+                callbacks=tracking_callbacks(cfg, sweep_dir),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=metric,
                     checkpoint_score_order="max"),

@@ -3,29 +3,50 @@ report, run summary and sweep shows."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
 from lvm_ray.config import Config
+from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import WindowSet
 from lvm_ray.device import resolve_device
-from lvm_ray.eval.baselines import fit_baselines
+from lvm_ray.eval.baselines import Baseline, fit_baselines
 from lvm_ray.eval.lanes import Lanes, bank_lanes, lane_metrics
 from lvm_ray.eval.metrics import evaluate_detailed, hits_from_ranks
 from lvm_ray.eval.predict import predict_windows
 
 
+def fit_baselines_logged(bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
+                         cfg: Config) -> list[Baseline]:
+    t0 = time.perf_counter()
+    say(f"baselines: copy-last, context-mean and ridge (fit on {len(train_ws)} train windows, "
+        f"chosen on val by {cfg.eval.select_metric})")
+    out = fit_baselines(bank, train_ws, val_ws, cfg.eval)
+    say(f"baselines chosen in {time.perf_counter() - t0:.0f} s: "
+        + ", ".join(b.name for b in out))
+    return out
+
+
 def evaluate_on_windows(models: dict[str, Any], bank: ConceptBank, train_ws: WindowSet,
                         val_ws: WindowSet, eval_ws: WindowSet, cfg: Config,
-                        lanes: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
-    """Protocol metrics for each model and for the baselines (fit on train, tuned on val),
-    all on eval_ws. lanes (N,) per bank row adds per-lane Hit@5 and the canary verdict."""
+                        lanes: np.ndarray | None = None,
+                        baselines: list[Baseline] | None = None) -> dict[str, dict[str, Any]]:
+    """Protocol metrics for each model and for the baselines (fit on train, tuned on val, or
+    given already fitted), all on eval_ws. lanes (N,) per bank row adds per-lane Hit@5 and the
+    canary verdict."""
     device = resolve_device(cfg.train.device)
+    if baselines is None:
+        baselines = fit_baselines_logged(bank, train_ws, val_ws, cfg)
+    t0 = time.perf_counter()
+    say(f"scoring {len(models)} model(s) and {len(baselines)} baselines on {len(eval_ws)} "
+        f"{eval_ws.split} windows against a bank of {len(eval_ws.rows)} concepts"
+        + (f", {cfg.eval.bootstrap} bootstrap resamples" if cfg.eval.bootstrap else ""))
     preds = {name: predict_windows(model, bank.vectors, eval_ws, device=device)
              for name, model in models.items()}
-    for bl in fit_baselines(bank, train_ws, val_ws, cfg.eval):
+    for bl in baselines:
         preds[bl.name] = bl.predict(bank.vectors, eval_ws)
     results = {}
     for name, pred in preds.items():
@@ -35,6 +56,7 @@ def evaluate_on_windows(models: dict[str, Any], bank: ConceptBank, train_ws: Win
                                         lanes[eval_ws.target_rows], 5, cfg.eval.bootstrap,
                                         cfg.eval.seed))
         results[name] = summary
+    say(f"scored in {time.perf_counter() - t0:.0f} s")
     return results
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -166,34 +166,59 @@ def plot_comparison(results: dict[str, dict], path_png: str | Path) -> Path:
     return _save(fig, path_png)
 
 
-def _curve_keys(history: list[dict]) -> Iterable[str]:
-    keys = sorted(set().union(*(h.keys() for h in history)))
-    pat = re.compile(r"val_(bank_hit@\d+|pool\d*_hit@\d+|ca|mrr|cosine)")
-    return [k for k in keys if pat.fullmatch(k)]
-
-
-def plot_training_curves(history: list[dict], path_png: str | Path,
-                         metrics: list[str] | None = None) -> Path:
-    """Left: train (and val, if logged) loss per epoch. Right: val metrics per epoch (default:
-    every logged val Hit@K, CA, MRR and cosine)."""
+def plot_training_curves(history: list[dict], path_png: str | Path, select: str,
+                         baselines: dict[str, float] | None = None) -> Path:
+    """Left: the selection metric on val per epoch (the best epoch marked), each baseline's val
+    value on the same windows as a horizontal line. Right: the training loss (and val loss when
+    logged). `select` is the history key, e.g. "val_bank_hit@5"."""
     if not history:
         raise ValueError("plot_training_curves needs at least one epoch of history")
     fig = Figure(figsize=(10, 4), layout="tight")
     ax1, ax2 = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
-    for key in ("train_loss", "val_loss"):
-        if any(key in h for h in history):
-            ax1.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
+    values = [100 * h.get(select, np.nan) for h in history]
+    ax1.plot(epochs, values, marker="o", color="tab:blue", label="model")
+    best = int(np.nanargmax(values)) if np.isfinite(values).any() else None
+    if best is not None:
+        ax1.plot([epochs[best]], [values[best]], marker="*", ms=14, color="tab:blue",
+                 ls="none", label=f"best (epoch {epochs[best]})")
+    styles = {"copy-last": ("k", "--"), "context-mean": ("0.45", ":"), "ridge": ("tab:red", "-.")}
+    for name, v in (baselines or {}).items():
+        color, ls = next((st for prefix, st in styles.items() if name.startswith(prefix)),
+                         ("0.5", "-"))
+        ax1.axhline(100 * v, color=color, ls=ls, lw=1.2, label=name)
     ax1.set_xlabel("epoch")
-    ax1.set_title("loss")
-    ax1.legend()
-    for key in metrics or _curve_keys(history):
-        ax2.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", label=key)
+    ax1.set_ylabel("%")
+    ax1.set_title(f"{select.replace('val_', 'val ')} (model selection), baselines on the same "
+                  "windows", fontsize=9)
+    ax1.legend(fontsize=7)
+    for key, color in (("train_loss", "tab:orange"), ("val_loss", "tab:green")):
+        if any(key in h for h in history):
+            ax2.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", color=color,
+                     label=key)
     ax2.set_xlabel("epoch")
-    ax2.set_title("validation metrics (fractions)")
-    if ax2.lines:
-        ax2.legend(fontsize=7)
+    ax2.set_title("loss")
+    ax2.legend(fontsize=7)
     return _save(fig, path_png)
+
+
+def verdict(model: dict[str, Any], baselines: dict[str, dict[str, Any]], key: str,
+            split: str = "val") -> str:
+    """One line: does the model beat the best baseline on `key`, by more than the CIs allow?"""
+    best = max(baselines, key=lambda n: baselines[n].get(key, -np.inf))
+    b = baselines[best]
+    label = key.replace("bank_hit", "bank-Hit").replace("_hit", "-Hit")
+    where = f"{split} {label}: model {_cell(model, key)} vs {best} {_cell(b, key)}"
+    if f"{key}_lo" in model and f"{key}_lo" in b:
+        if model[f"{key}_lo"] > b[f"{key}_hi"]:
+            return f"verdict: the model beats the best baseline ({where}); CIs do not overlap"
+        if model[f"{key}_hi"] < b[f"{key}_lo"]:
+            return (f"verdict: NOT worth serving: the best baseline beats the model ({where}); "
+                    "CIs do not overlap")
+        return (f"verdict: NOT shown better than the best baseline ({where}); the CIs overlap, "
+                "so serving it is not justified by this data")
+    better = model.get(key, -np.inf) > b.get(key, -np.inf)
+    return f"verdict: {'ahead of' if better else 'behind'} the best baseline ({where}); no CIs"
 
 
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
@@ -204,7 +229,8 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
     if "pool_size_fixed" in first:  # the seed's metric at its fixed pool, beside the honest one
         n = first["pool_size_fixed"]
         cols.insert(1, (f"pool{n}-Hit@5", f"pool{n}_hit@5"))
-    head = f"{'':28s}" + "".join(f" {c:>23s}" for c, _ in cols)
+    width = max(28, *(len(name) for name in results))  # whole names: a ridge row keeps its m
+    head = f"{'':{width}s}" + "".join(f" {c:>23s}" for c, _ in cols)
     lines = [f"windows {first['n_windows']}, bank {first['bank_size']} concepts", head]
     for name, s in results.items():
         cells = []
@@ -215,7 +241,7 @@ def summary_table(results: dict[str, dict[str, Any]]) -> str:
             if lo is not None and hi is not None:
                 cell += f" [{lo:.3f},{hi:.3f}]"
             cells.append(f" {cell:>23s}")
-        lines.append(f"{name[:28]:28s}" + "".join(cells))
+        lines.append(f"{name:{width}s}" + "".join(cells))
     return "\n".join(lines)
 
 

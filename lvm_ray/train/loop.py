@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lvm_ray.config import Config, TrainConfig, to_dict
+from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import WindowSet
 from lvm_ray.device import resolve_device
@@ -27,8 +28,17 @@ from lvm_ray.eval.metrics import evaluate, select_key
 from lvm_ray.eval.predict import predict_windows
 from lvm_ray.model import build_model
 from lvm_ray.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
-from lvm_ray.train.step import (Collective, LocalCollective, accumulation_steps, groups_of,
-                                make_optimizer, make_scheduler, to_batch, train_group)
+from lvm_ray.train.step import (
+    Collective,
+    LocalCollective,
+    accumulation_steps,
+    groups_of,
+    make_optimizer,
+    make_scheduler,
+    to_batch,
+    train_group,
+)
+from lvm_ray.train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +260,10 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         rt.report(row, ckpt_dir)
         summary = row
         if coll.rank == 0:
-            # print, not logging: under Ray the worker's stdout is what reaches the driver.
-            print(f"[lvm] epoch {epoch}: loss {row['train_loss']:.4f}  val {select} "
-                  f"{val[select]:.4f}  best {stopper.best:.4f} @{stopper.best_epoch}  "
-                  f"{row['windows_per_s']:.0f} windows/s{'  *saved' if improved else ''}",
-                  flush=True)
+            # stdout, not logging: under Ray the worker's stdout is what reaches the driver.
+            say(f"epoch {epoch}: loss {row['train_loss']:.4f}  val {select} "
+                f"{val[select]:.4f}  best {stopper.best:.4f} @{stopper.best_epoch}  "
+                f"{row['windows_per_s']:.0f} windows/s{'  *saved' if improved else ''}")
     return {"history": history, "best_epoch": stopper.best_epoch,
             f"best_val_{select}": stopper.best, "last": summary,
             "stopped_early": stopper.should_stop}
@@ -265,8 +274,10 @@ def fit_local(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: Windo
     """The plain single-process PyTorch loop: same `fit`, no Ray. Keeps the best checkpoint
     at out_dir/best and writes training_history.json."""
     out_dir = Path(out_dir)
+    tracker = make_tracker(cfg, out_dir)
 
     def report(row: dict[str, Any], ckpt: Path | None) -> None:
+        tracker.log(row, step=int(row["epoch"]))
         # Checkpoints are only written on improvement, so the newest is the best: drop the rest.
         if ckpt is not None:
             for old in ckpt.parent.glob("epoch_*"):
@@ -277,7 +288,10 @@ def fit_local(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: Windo
                  report=report, device=torch.device(resolve_device(cfg.train.device)),
                  checkpoint_root=out_dir / "checkpoints",
                  resume_from=Path(resume_from) if resume_from else None)
-    result = fit(cfg, bank, train_ws, val_ws, rt)
+    try:
+        result = fit(cfg, bank, train_ws, val_ws, rt)
+    finally:
+        tracker.close()
     (out_dir / "training_history.json").write_text(json.dumps(result["history"], indent=2))
     result["best_checkpoint"] = str(rt.checkpoint_root / f"epoch_{result['best_epoch']:03d}")
     return result

@@ -27,14 +27,15 @@ from lvm_ray.workflows.prepare import ensure_bank
 from lvm_ray.workflows.train import train_and_evaluate
 
 
-def run_demo(quick: bool = False, serve: bool = True) -> int:
+def run_demo(quick: bool = False, serve: bool = True, address: str | None = None,
+             verbose: bool = False) -> int:
     t0 = time.perf_counter()
     # --quick has its own bank and runs: it never overwrites (or is served as) the full demo's.
     overrides = {"corpus": {"max_docs": 30}, "train": {"max_epochs": 2},
                  "bank_path": "data/sotu_demo_quick_bank.parquet",
                  "run": {"storage_path": "runs/demo_quick"}} if quick else {}
     base = load_config(presets=["demo"], overrides=overrides)
-    init_ray()
+    init_ray(address=address, verbose=verbose)
     say(f"1/4 ingest: first {base.corpus.max_docs} State of the Union speeches, "
         f"encoder {base.encoder.name} -> {base.bank_path}")
     bank = ensure_bank(base, use_ray=True)
@@ -45,7 +46,8 @@ def run_demo(quick: bool = False, serve: bool = True) -> int:
         say(f"{step}/4 train {phase}: context {cfg.window.context}, {cfg.model.kind} "
             f"hidden {cfg.model.hidden}, {cfg.scaling.num_workers} Ray Train workers")
         # Each `make demo` trains afresh: the demo's runs are its own to replace.
-        summaries[phase] = train_and_evaluate(cfg, use_ray=True, bank=bank, overwrite=True)
+        summaries[phase] = train_and_evaluate(cfg, use_ray=True, bank=bank, overwrite=True,
+                                              verbose=verbose)
 
     # Both phases use `document` windows, so their test targets are the same windows and one
     # set of baselines serves both.

@@ -11,10 +11,11 @@ from typing import Any
 from lvm_ray.config import Config, ConfigError, from_dict, load_config
 from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank, check_identity
-from lvm_ray.eval.compare import evaluate_on_windows, lanes_of
+from lvm_ray.eval.compare import evaluate_on_windows, fit_baselines_logged, lanes_of
 from lvm_ray.eval.lanes import lane_document, write_lanes
+from lvm_ray.eval.metrics import select_key
 from lvm_ray.eval.report import (markdown_report, plot_comparison, plot_training_curves,
-                                 summary_table, write_report)
+                                 summary_table, verdict, write_report)
 from lvm_ray.eval.sweep import objective_metric, trial_config
 from lvm_ray.train.checkpoint import load_checkpoint
 from lvm_ray.train.loop import with_bank_width
@@ -25,28 +26,42 @@ TEST_METRICS = "test_metrics.json"
 
 def evaluate_run(cfg: Config, bank: ConceptBank, ws: Windows, best: Path, run_dir: Path,
                  history: list[dict[str, Any]], split: str = "test") -> dict[str, Any]:
-    """The end of a training run: best checkpoint on test vs baselines, artifacts in run_dir."""
+    """The end of a training run: the best checkpoint on test beside the baselines, the
+    training curves (with the baselines' val values) and a one-line verdict on val, all in
+    run_dir."""
     ck = load_checkpoint(best)
     name = f"{cfg.run.name} ({cfg.model.kind})"
     eval_ws = ws.test if split == "test" else ws.val
     lanes = lanes_of(cfg, bank)
+    baselines = fit_baselines_logged(bank, ws.train, ws.val, cfg)
     results = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, eval_ws, cfg,
-                                  None if lanes is None else lanes.ids)
+                                  None if lanes is None else lanes.ids, baselines=baselines)
+    # The val windows every epoch was scored on: the selection metric, with CIs, for the
+    # baselines beside the model (the curves' horizontal lines and the verdict).
+    select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
+    val_eval = ws.val.sample(cfg.train.max_eval_windows, cfg.train.seed)
+    val = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, val_eval, cfg,
+                              baselines=baselines)
+    line = verdict(val[name], {b.name: val[b.name] for b in baselines}, select)
+    say(line)
     meta = {"split": split, "checkpoint": str(best), "epoch": ck.meta.get("epoch"),
             "window": f"{cfg.window.policy}, L={cfg.window.context}",
-            "encoder": bank.meta.get("encoder"), "n_parameters": ck.meta.get("n_parameters")}
+            "encoder": bank.meta.get("encoder"), "n_parameters": ck.meta.get("n_parameters"),
+            "on val (model selection)": line.removeprefix("verdict: ")}
     if lanes is not None:
         meta["lanes"] = lanes.source
     report = write_report(results, run_dir, f"Evaluation of {cfg.run.name} on {split}", meta)
     if history:
         (run_dir / "training_history.json").write_text(json.dumps(history, indent=2))
-        plot_training_curves(history, run_dir / "training_curves.png")
+        plot_training_curves(history, run_dir / "training_curves.png", f"val_{select}",
+                             {b.name: val[b.name][select] for b in baselines})
     # Next to the weights (outside their checksum) so Serve can show them with the model.
     (best / TEST_METRICS).write_text(json.dumps({"split": split, **results[name]}, indent=2))
     if lanes is not None:
         write_lanes(best, lane_document(results, name, lanes, split))
     return {"run_dir": str(run_dir), "best_checkpoint": str(best), "report": str(report),
-            "results": results, "table": summary_table(results)}
+            "results": results, "val_results": val, "verdict": line,
+            "table": summary_table(results)}
 
 
 def checkpoint_config(meta: dict[str, Any], config_path: str | None = None,

@@ -10,7 +10,8 @@ from lvm_ray.config import Config
 from lvm_ray.console import say
 from lvm_ray.data.bank import BankError, ConceptBank, load_bank
 from lvm_ray.data.ingest import ingest
-from lvm_ray.data.windows import WindowSet, check_split_disjoint, check_windows, make_windows
+from lvm_ray.data.windows import (WindowSet, check_split_disjoint, check_windows, make_windows,
+                                  short_documents)
 from lvm_ray.distributed.data import ingest_with_ray, read_bank_with_ray
 
 
@@ -34,7 +35,16 @@ def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False) -> 
             f"({'reused' if res.reused else 'built'})")
     bank = read_bank_with_ray(bank_path) if use_ray else load_bank(bank_path)
     check_split_disjoint(bank)
+    say_short_documents(cfg, bank)
     return bank
+
+
+def say_short_documents(cfg: Config, bank: ConceptBank) -> None:
+    docs, concepts = short_documents(bank, cfg.window)
+    if docs:
+        say(f"{docs} document(s), {concepts} concept(s) in all, have at most "
+            f"window.min_context={cfg.window.min_context} concepts: they give no window and take "
+            "no part in training or evaluation")
 
 
 def read_bank(cfg: Config) -> ConceptBank:
@@ -64,6 +74,7 @@ def prepare_windows(cfg: Config, bank: ConceptBank) -> Windows:
     ws = Windows(*(make_windows(bank, s, cfg.window) for s in ("train", "val", "test")))
     for w in (ws.train, ws.val, ws.test):
         check_windows(bank, w)
+    say_short_documents(cfg, bank)
     say(f"windows (policy={cfg.window.policy}, L={cfg.window.context}, "
         f"stride={cfg.window.stride}): train {len(ws.train)}, val {len(ws.val)}, "
         f"test {len(ws.test)}; leakage check passed")

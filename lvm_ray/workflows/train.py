@@ -67,7 +67,7 @@ def latest_local_checkpoint(run_dir: Path) -> Path | None:
 
 def train_and_evaluate(cfg: Config, use_ray: bool = True, bank: ConceptBank | None = None,
                        record_pids: bool = False, resume: bool = False,
-                       overwrite: bool = False) -> dict[str, Any]:
+                       overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Train, pick the best checkpoint by val, evaluate it on test beside the baselines and
     write the run directory. Returns a summary dict."""
     bank = bank if bank is not None else ensure_bank(cfg, use_ray=use_ray)
@@ -82,7 +82,8 @@ def train_and_evaluate(cfg: Config, use_ray: bool = True, bank: ConceptBank | No
     t0 = time.perf_counter()
     if use_ray:
         say(f"training {cfg.model.kind} with Ray Train on {cfg.scaling.num_workers} worker(s)")
-        run = train_with_ray(cfg, bank, ws.train, ws.val, record_pids=record_pids)
+        run = train_with_ray(cfg, bank, ws.train, ws.val, record_pids=record_pids,
+                             verbose=verbose)
         run_dir, best, history = Path(run.run_dir), Path(run.best_checkpoint), run.history
     else:
         say(f"training {cfg.model.kind} with the plain PyTorch loop")
