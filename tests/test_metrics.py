@@ -242,7 +242,7 @@ CFG = EvalConfig(ks=(1, 5), pool_size=20, bootstrap=50, seed=0)
 
 def expected_keys(n_fixed=20, ks=(1, 5)):
     keys = {"n_windows", "bank_size", "pool_size_full", "pool_size_fixed", "cosine"}
-    ci = ["mrr", "ca", "margin"]
+    ci = ["mrr", "ca", "par", "margin"]
     for k in ks:
         ci += [f"bank_hit@{k}", f"pool_hit@{k}", f"pool{n_fixed}_hit@{k}"]
         keys |= {f"bank_chance@{k}", f"pool_chance@{k}", f"pool{n_fixed}_chance@{k}"}
@@ -288,3 +288,33 @@ def test_select_score_matches_evaluate():
         assert mt.select_score(pred, ws, bank, CFG, metric) == pytest.approx(s[key])
     with pytest.raises(ValueError, match="fixed pool"):
         mt.select_key("pool_hit@5", None)
+
+
+# ----------------------------------------------------------------------------- PAR
+
+
+def test_par_matches_bruteforce_and_flags_copying():
+    bank = make_bank(n_docs=6, min_len=10, max_len=30, d=16, seed=21)
+    ws = make_windows(bank, "train", WindowConfig(context=7, min_context=2))
+    target, last = bank.vectors[ws.target_rows], bank.vectors[ws.last_rows]
+    pred = noisy(target, 0.5, 22)
+    got = mt.par_values(pred, target, bank.vectors, ws, budget=50)  # many tiny blocks
+    checked = 0
+    for i in range(len(ws)):
+        ctx = bank.vectors[ws.context_rows(i)]
+        best_p, best_y = (ctx @ pred[i]).max(), (ctx @ target[i]).max()
+        if best_y <= 0:
+            assert np.isnan(got[i])  # no ratio without a positive cosine to the context
+        elif best_y > 0.05:  # (tiny denominators amplify float32 rounding)
+            assert got[i] == pytest.approx(best_p / best_y, rel=1e-4)
+            checked += 1
+    assert checked > len(ws) // 2
+    copy = mt.par_values(last, target, bank.vectors, ws)
+    finite = np.isfinite(copy)
+    # Copying the last vector reaches cosine 1 with the context: PAR = 1 / the truth's best.
+    np.testing.assert_allclose(copy[finite], 1 / np.array(
+        [(bank.vectors[ws.context_rows(i)] @ target[i]).max() for i in np.flatnonzero(finite)]),
+        rtol=1e-3)
+    assert np.all(copy[finite] >= 1 - 1e-6)
+    summary = mt.evaluate(pred, ws, bank, EvalConfig(bootstrap=50))
+    assert summary["par_lo"] <= summary["par"] <= summary["par_hi"]

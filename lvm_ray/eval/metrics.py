@@ -53,6 +53,31 @@ def margin(pred: np.ndarray, target: np.ndarray, last: np.ndarray) -> np.ndarray
     return cosine(pred, target) - cosine(pred, last)
 
 
+def par_values(pred: np.ndarray, target: np.ndarray, bank_vectors: np.ndarray, ws: WindowSet,
+               budget: int = 4_000_000) -> np.ndarray:
+    """PAR (Meta's Large Concept Model paper): max_j cos(p_i, x_j) / max_j cos(y_i, x_j) over
+    window i's context x_j. Above 1: the prediction sits closer to something it was shown than
+    the truth does, i.e. it leans toward copying its context. (M,) float64; NaN where the truth's
+    best context cosine is <= 0 (no ratio). Blocked so a block's gathered contexts hold about
+    `budget` floats whatever L is."""
+    pred, target = _check_pair(pred, target)
+    m, d = pred.shape
+    out = np.full(m, np.nan)
+    lengths = ws.lengths
+    step = max(1, budget // max(1, int(lengths.max(initial=1)) * d))
+    for a in range(0, m, step):
+        idx = np.arange(a, min(a + step, m))
+        t = int(lengths[idx].max())
+        offs = np.arange(t)
+        valid = offs[None, :] < lengths[idx, None]  # (B, T)
+        pos = np.where(valid, ws.start[idx, None] + offs[None, :], ws.start[idx, None])
+        ctx = bank_vectors[ws.rows[pos]]  # (B, T, D)
+        best_p = np.where(valid, np.einsum("btd,bd->bt", ctx, pred[idx]), -np.inf).max(axis=1)
+        best_y = np.where(valid, np.einsum("btd,bd->bt", ctx, target[idx]), -np.inf).max(axis=1)
+        out[idx] = np.where(best_y > 0, best_p / np.maximum(best_y, 1e-12), np.nan)
+    return out
+
+
 def hits_from_ranks(ranks: np.ndarray, k: int) -> np.ndarray:
     """1.0 where the 1-based rank is within the top k. (M,) float64."""
     return (np.asarray(ranks) <= k).astype(np.float64)
@@ -315,8 +340,8 @@ def select_score(pred: np.ndarray, ws: WindowSet, bank: ConceptBank, cfg: EvalCo
 
 def evaluate_detailed(pred: np.ndarray, ws: WindowSet, bank: ConceptBank, cfg: EvalConfig
                       ) -> tuple[dict, dict[str, np.ndarray]]:
-    """evaluate() plus the per-window arrays behind it: "rank", "cosine", "margin", "ca", "mrr",
-    "bank_hit@k", "pool_hit@k" and (fixed pool) "pool{N}_hit@k", each (M,)."""
+    """evaluate() plus the per-window arrays behind it: "rank", "cosine", "margin", "ca", "par",
+    "mrr", "bank_hit@k", "pool_hit@k" and (fixed pool) "pool{N}_hit@k", each (M,)."""
     pred = _check_windows(pred, ws, bank)
     m, tr = len(ws), ws.target_rows
     target, last = bank.vectors[tr], bank.vectors[ws.last_rows]
@@ -332,6 +357,7 @@ def evaluate_detailed(pred: np.ndarray, ws: WindowSet, bank: ConceptBank, cfg: E
         for k, h in pool_hits(pred, target, cfg.ks, cfg.pool_size, seed=cfg.seed).items():
             per[f"pool{cfg.pool_size}_hit@{k}"] = h
     per["ca"] = contrastive_accuracy(pred, target, bank.doc_ids[tr], bank.positions[tr])
+    per["par"] = par_values(pred, target, bank.vectors, ws)
 
     bank_size = len(ws.rows)
     summary: dict = {"n_windows": int(m), "bank_size": int(bank_size), "pool_size_full": int(m)}
@@ -342,13 +368,17 @@ def evaluate_detailed(pred: np.ndarray, ws: WindowSet, bank: ConceptBank, cfg: E
         vals = per[key]
         summary[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
     if cfg.bootstrap > 0:
-        # CA may hold NaN (empty pool, only for tiny M): bootstrap it on its finite windows.
-        dense = [key for key in with_ci if key != "ca"]
+        # CA and PAR may hold NaN (an empty pool; a truth with no positive cosine to its
+        # context): each is bootstrapped on its finite windows.
+        sparse = ("ca", "par")
+        dense = [key for key in with_ci if key not in sparse]
         lo, hi = bootstrap_cis(np.stack([per[key] for key in dense]), cfg.bootstrap, cfg.seed)
-        ca = per["ca"][np.isfinite(per["ca"])]
-        ca_lo, ca_hi = bootstrap_ci(ca, cfg.bootstrap, cfg.seed)
-        for key, a, b in zip(dense + ["ca"], list(lo) + [ca_lo], list(hi) + [ca_hi]):
+        for key, a, b in zip(dense, lo, hi):
             summary[f"{key}_lo"], summary[f"{key}_hi"] = float(a), float(b)
+        for key in sparse:
+            finite = per[key][np.isfinite(per[key])]
+            a, b = bootstrap_ci(finite, cfg.bootstrap, cfg.seed)
+            summary[f"{key}_lo"], summary[f"{key}_hi"] = a, b
     for k in cfg.ks:
         summary[f"bank_chance@{k}"] = min(k, bank_size) / bank_size  # ignores excluded contexts
         summary[f"pool_chance@{k}"] = min(k, m) / m

@@ -126,6 +126,8 @@ def markdown_report(results: dict[str, dict], title: str, meta: dict[str, Any] |
             row(f"pool-Hit@{k} (fixed pool {n}, chance {_pct(min(k, n) / n)})",
                 f"pool{n}_hit@{k}")
     row("CA (chance 50%)", "ca")
+    row("PAR (max cos to context: prediction / truth; > 1 leans to copying)", "par",
+        percent=False)
     row("cosine", "cosine", percent=False)
     row("margin cos(p,y) - cos(p,x_last)", "margin", percent=False)
     cmp = comparison_lines(results)
@@ -224,7 +226,7 @@ def verdict(model: dict[str, Any], baselines: dict[str, dict[str, Any]], key: st
 def summary_table(results: dict[str, dict[str, Any]]) -> str:
     """A compact console table: the headline numbers with CIs."""
     first = next(iter(results.values()))
-    cols = [("bank-Hit@5", "bank_hit@5"), ("MRR", "mrr"), ("CA", "ca"),
+    cols = [("bank-Hit@5", "bank_hit@5"), ("MRR", "mrr"), ("CA", "ca"), ("PAR", "par"),
             ("cosine", "cosine"), ("margin", "margin")]
     if "pool_size_fixed" in first:  # the seed's metric at its fixed pool, beside the honest one
         n = first["pool_size_fixed"]
