@@ -64,8 +64,7 @@ class ModelServer:
         self.checkpoint = checkpoint
         ckpt_dir = localize(checkpoint)
         self.predictor = Predictor.from_paths(ckpt_dir, localize(bank), device=device)
-        cfg = self.predictor.model.cfg
-        self.state_shape = (cfg.layers, cfg.hidden)
+        self.state_shape = self.predictor.session_shape()
         self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
         self.metrics = ModelMetrics()
         self.user = ModelUserConfig()
