@@ -76,8 +76,8 @@ class Predictor:
 
     @property
     def recomputes(self) -> bool:
-        """Whether sessions carry their context window and recompute (the transformer): a KV cache
-        in the signed session token would be 2 x layers x hidden / D times larger than the window."""
+        """Whether sessions carry their context window and recompute (the transformer): a KV
+        cache in the signed session token would be 2 x layers x hidden / D times the window."""
         return self.model.cfg.kind == "transformer"
 
     def session_shape(self) -> tuple[int | None, int]:
@@ -158,7 +158,7 @@ class Predictor:
     def append(self, vectors: np.ndarray, state: RecurrentState | None = None,
                k: int = 5) -> tuple[Prediction, RecurrentState]:
         """Feed new vectors after `state` (None = start); O(len(vectors)) model work for the
-        recurrent models. For the transformer, state.h is its window (T, 1, D) (see append_batch)."""
+        recurrent models. For the transformer, state.h is its window (T, 1, D): append_batch."""
         h = last = None
         if state is not None:
             h = state.h[:, 0].float().cpu().numpy()
@@ -178,8 +178,8 @@ class Predictor:
         max_context of h + the new ones; the new h is that window, last its last vector."""
         contexts = [self.validate(c) for c in contexts]
         if self.recomputes:
-            windows = [(c if h is None else np.concatenate([self.validate(h), c]))[-self.max_context:]
-                       for c, h in zip(contexts, hs)]
+            windows = [(c if h is None else np.concatenate([self.validate(h), c]))
+                       [-self.max_context:] for c, h in zip(contexts, hs)]
             preds = self.predict_batch(windows, k)
             return [(p, np.ascontiguousarray(w), w[-1].copy()) for p, w in zip(preds, windows)]
         cfg = self.model.cfg

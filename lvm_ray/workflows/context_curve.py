@@ -31,6 +31,7 @@ from lvm_ray.eval.context_curve import (LENGTHS, baseline_candidates, best_withi
                                         routing_markdown, summarize, truncate)
 from lvm_ray.eval.predict import predict_windows
 from lvm_ray.model import build_model
+from lvm_ray.serve.config import RouterUserConfig
 from lvm_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from lvm_ray.workflows.prepare import ensure_bank, prepare_windows
 
@@ -92,6 +93,18 @@ def choose_routing(val: Per, trained: dict[str, int], phase2: str, bootstrap: in
         else None
     return {"phase2": phase2, "phase3": best["long"] if best else None,
             "threshold": best["threshold"] if best else None, "candidates": decisions}
+
+
+def serve_snippet(routing: dict[str, Any], checkpoints: dict[str, str]) -> list[str]:
+    """The serve config lines that apply a routing decision. No winner: a threshold of
+    max_context_vectors, so no request counts as long and Phase-3 gets nothing."""
+    p3 = routing["phase3"]
+    limit = RouterUserConfig().max_context_vectors
+    return [f"args: {{phase2_checkpoint: {checkpoints[routing['phase2']]}, phase3_checkpoint: "
+            f"{checkpoints[p3] if p3 else '(any; it receives no routed traffic)'}}}",
+            "Router user_config: {threshold: "
+            f"{routing['threshold'] if p3 else limit}}}"
+            + ("" if p3 else "  # = max_context_vectors: no context is long")]
 
 
 def _smoke_checkpoints(cfg: Config, out: Path) -> dict[str, str]:
@@ -162,14 +175,17 @@ def run_context_curve(cfg: Config, checkpoints: dict[str, str], split: str = "te
         routing = choose_routing(val, trained, phase2, cfg.eval.bootstrap, cfg.eval.seed)
         result["routing"] = routing
         (out / "routing.json").write_text(json.dumps(routing, indent=2))
-        rmd = [f"# Router threshold from the val curve ({len(long_targets(bank, 'val', min_history))}"
-               f" val targets with >= {min_history} earlier concepts)", ""]
+        n_val = len(long_targets(bank, "val", min_history))
+        rmd = [f"# Router threshold from the val curve ({n_val} val targets with >= "
+               f"{min_history} earlier concepts)", ""]
         for d in routing["candidates"]:
             rmd += [f"## {d['long']} vs {d['short']}", "", routing_markdown(d)]
         rmd.append(f"Phase-3: **{routing['phase3'] or 'none'}**, threshold: "
                    f"**{routing['threshold'] if routing['threshold'] is not None else 'none'}**"
                    + ("" if routing["phase3"] else " (no candidate measurably beats Phase-2 on "
                       "val at any length: route nothing to a Phase-3)"))
+        rmd += ["", "In a serve config (docs/serve.md):", "", "```yaml", *serve_snippet(
+            routing, checkpoints), "```"]
         (out / "routing.md").write_text("\n".join(rmd) + "\n")
         md += ["## Routing (val)", "", "\n".join(rmd[2:])]
     (out / "curve.md").write_text("\n".join(md))
