@@ -12,8 +12,8 @@ import torch
 from lvm_ray.config import EvalConfig, ModelConfig, WindowConfig, load_config
 from lvm_ray.data.windows import make_windows
 from lvm_ray.eval.context_curve import (LENGTHS, baseline_candidates, best_within, curve_values,
-                                        long_targets, paired_diff_ci, route_threshold, summarize,
-                                        truncate)
+                                        long_targets, paired_diff_ci, route_threshold, saturation,
+                                        summarize, truncate)
 from lvm_ray.eval.predict import predict_windows
 from lvm_ray.model import build_model
 
@@ -105,6 +105,17 @@ def test_route_threshold_needs_a_measurable_lead_from_there_on():
     assert lo > 0 and lo <= mean <= hi
 
 
+def test_saturation_finds_where_more_context_stops_helping():
+    rng = np.random.default_rng(1)
+    base = rng.random(500)
+    # Hit rates 10% -> 30% -> 40% -> 40% on the same targets: gains stop after L=4.
+    per = {L: {"bank_hit@5": (base < p).astype(float)}
+           for L, p in ((1, 0.1), (2, 0.3), (4, 0.4), (8, 0.4))}
+    s = saturation(per, bootstrap=300)
+    assert s["best_length"] == 4 and s["enough"] == 4
+    assert s["gain_lo"] > 0 and abs(s["gain"] - (s["best"] - s["first"])) < 1e-12
+
+
 def test_demo_preset_has_test_windows_past_500():
     """`make demo` picks the longest speeches: every split holds a document longer than 1,000
     concepts, and test has windows whose target sits past position 500. Chunking only: no
@@ -135,6 +146,7 @@ def test_context_curve_smoke_cli(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "out" / "curve.json").read_text())
     assert res["lengths"] == [1, 2, 4, 8, 16]  # 64 > min-history is dropped
     assert set(res["summary"]) >= {"gru_L4", "transformer_L16", "ridge (best m<=L)"}
+    assert set(res["saturation"]) == set(res["summary"])
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
     routing = json.loads((tmp_path / "out" / "routing.json").read_text())
     assert routing["phase2"] == "gru_L4" and len(routing["candidates"]) == 1

@@ -86,6 +86,22 @@ def paired_diff_ci(a: np.ndarray, b: np.ndarray, bootstrap: int = 1000, seed: in
     return float(d.mean()), float(lo[0]), float(hi[0])
 
 
+def saturation(per: dict[int, dict[str, np.ndarray]], metric: str = "bank_hit@5",
+               bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Where more context stops helping one row of the curve: its best L, the gain from L=1 (or
+    the shortest L) to there, and `enough`: the shortest L not measurably worse than the best
+    (the paired 95% CI of best - L reaches zero), so no longer context buys anything measurable
+    (a longer one may still cost: the table shows it)."""
+    lengths = sorted(per)
+    means = {L: float(np.mean(per[L][metric])) for L in lengths}
+    best = max(lengths, key=lambda L: (means[L], -L))
+    below = {L: paired_diff_ci(per[best][metric], per[L][metric], bootstrap, seed) for L in lengths}
+    enough = next(L for L in lengths if below[L][1] <= 0)  # the best L itself always qualifies
+    gain = below[lengths[0]]
+    return {"best_length": best, "best": means[best], "first": means[lengths[0]],
+            "gain": gain[0], "gain_lo": gain[1], "gain_hi": gain[2], "enough": enough}
+
+
 # ----------------------------------------------------------------------------- baselines
 
 
@@ -221,6 +237,17 @@ def plot_curve(summary: dict[str, dict[int, dict[str, float]]], baselines: Seque
     FigureCanvasAgg(fig)
     fig.savefig(path_png, dpi=120)
     return path_png
+
+
+def saturation_markdown(sat: dict[str, dict[str, Any]], first_length: int) -> str:
+    """One row per curve row: what more context bought, and from which L on it stopped."""
+    lines = [f"| row | bank-Hit@5 at L={first_length} | best (at L) | gain over L={first_length}, "
+             "pts [95% CI, paired] | no measurable gain past L |", "|---|---|---|---|---|"]
+    for n, s in sat.items():
+        lines.append(f"| {n} | {100 * s['first']:.1f} | {100 * s['best']:.1f} "
+                     f"({s['best_length']}) | {100 * s['gain']:+.1f} [{100 * s['gain_lo']:+.1f}, "
+                     f"{100 * s['gain_hi']:+.1f}] | {s['enough']} |")
+    return "\n".join(lines) + "\n"
 
 
 def routing_markdown(decision: dict[str, Any]) -> str:

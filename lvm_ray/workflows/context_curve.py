@@ -28,7 +28,8 @@ from lvm_ray.device import resolve_device
 from lvm_ray.eval.baselines import ContextMean
 from lvm_ray.eval.context_curve import (LENGTHS, baseline_candidates, best_within, curve_markdown,
                                         curve_values, long_targets, plot_curve, route_threshold,
-                                        routing_markdown, summarize, truncate)
+                                        routing_markdown, saturation, saturation_markdown,
+                                        summarize, truncate)
 from lvm_ray.eval.predict import predict_windows
 from lvm_ray.model import build_model
 from lvm_ray.serve.config import RouterUserConfig
@@ -160,13 +161,18 @@ def run_context_curve(cfg: Config, checkpoints: dict[str, str], split: str = "te
             "documents",
             "baselines": "context-mean and ridge: the best on val among those reading <= L "
             "vectors (ridge fit on train); mean of all L: the plain mean of the whole context"}
+    sat = {n: saturation(pts, "bank_hit@5", cfg.eval.bootstrap, cfg.eval.seed)
+           for n, pts in per.items()}
     md = ["# Context-scaling curve", "", curve_markdown(summary, trained, meta),
-          "", "![metrics against context length](curve.png)", ""]
+          "", "![metrics against context length](curve.png)", "",
+          "## Where more context stops helping (bank-Hit@5)", "",
+          saturation_markdown(sat, lengths[0])]
     plot_curve(summary, [MEAN, RIDGE, WHOLE], str(out / "curve.png"),
                f"{split}: {len(targets)} targets with >= {min_history} earlier concepts")
     result: dict[str, Any] = {"split": split, "min_history": min_history, "lengths": lengths,
                               "n_targets": len(targets), "documents": docs, "trained": trained,
                               "checkpoints": checkpoints, "baselines_chosen": chosen,
+                              "saturation": sat,
                               "summary": {n: {str(L): s for L, s in pts.items()}
                                           for n, pts in summary.items()}}
     if phase2 is not None:
