@@ -95,7 +95,7 @@ def where_phase3_reads_more(bank: ConceptBank, cfgs: dict[str, Config],
     say(f"Phase-3 reads more than Phase-2 on {len(long)} of {len(test3)} test windows (target "
         f"past position {p2}); comparing them there")
     if len(long) == 0:
-        return "No test window has a target past position {p2}: Phase-2 and Phase-3 read alike.\n"
+        return f"No test window has a target past position {p2}: Phase-2 and Phase-3 read alike.\n"
     cfg = cfgs["phase2"]
     preds = {}
     for phase, L in (("phase2", p2), ("phase3", p3)):
