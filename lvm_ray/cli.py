@@ -1,4 +1,4 @@
-"""`lvm` command line: ingest, train, evaluate, ablate, tune, serve, demo.
+"""`lvm` command line: ingest, train, evaluate, context-curve, ablate, tune, serve, demo.
 
 Every command takes the same config arguments: --config FILE, --preset NAME (repeatable, applied
 first), --set section.key=value (repeatable, applied last) and --smoke-test (a tiny synthetic run
@@ -115,6 +115,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_context_curve(args: argparse.Namespace) -> int:
+    from lvm_ray.workflows.context_curve import run_context_curve
+
+    cfg = config_from_args(args)
+    ckpts = {}
+    for spec in args.checkpoint:
+        name, _, path = spec.rpartition("=")
+        ckpts[name or Path(path).parent.name or path] = path
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    out = run_context_curve(cfg, ckpts, split=args.split, lengths=lengths,
+                            min_history=args.min_history, out_dir=args.out, phase2=args.phase2,
+                            smoke=args.smoke_test)
+    print(out["markdown"])
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from lvm_ray.eval.report import summary_table
     from lvm_ray.eval.sweep import objective_metric
@@ -206,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-bank-mismatch", action="store_true",
                    help="evaluate on a bank the checkpoints were not trained on")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("context-curve", help="bank-Hit@5, MRR and CA against context length L "
+                                             "on one fixed set of long-history targets")
+    add_config_args(p)
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
+                   help="checkpoint directory (repeatable)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--lengths", default="1,2,4,8,16,32,64,128,256,500,1000",
+                   help="comma-separated context lengths (those above --min-history are dropped)")
+    p.add_argument("--min-history", type=int, default=1000,
+                   help="targets need at least this many earlier concepts in their document")
+    p.add_argument("--phase2", metavar="NAME",
+                   help="the Phase-2 checkpoint's name: also derive the router threshold and "
+                        "Phase-3 from the same curve on val")
+    p.add_argument("--out", default="runs/context_curve", help="output directory")
+    p.set_defaults(fn=cmd_context_curve)
 
     p = sub.add_parser("tune", help="sweep context length x InfoNCE alpha with Ray Tune "
                                     "(objective: val Hit@5); the config's `tune:` section")

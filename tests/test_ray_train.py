@@ -28,7 +28,8 @@ def bank():
     return make_synthetic_bank(n_docs=60, doc_len=(60, 100), dim=32, seed=1)
 
 
-def test_two_worker_ddp_run_writes_artifacts(ray_session, tmp_path, bank):
+@pytest.mark.parametrize("kind", ["memory_gru", "transformer"])
+def test_two_worker_ddp_run_writes_artifacts(ray_session, tmp_path, bank, kind):
     from lvm_ray.distributed.trainer import train_with_ray
     from lvm_ray.train.checkpoint import read_meta
 
@@ -36,11 +37,12 @@ def test_two_worker_ddp_run_writes_artifacts(ray_session, tmp_path, bank):
         "run": {"storage_path": str(tmp_path), "name": "ddp"},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "train": {"max_epochs": 2},
+        "model": {"kind": kind},
     })
     ws = prepare_windows(cfg, bank)
     run = train_with_ray(cfg, bank, ws.train, ws.val)
     meta = read_meta(run.best_checkpoint)
-    assert meta["model_config"]["d_in"] == 32
+    assert meta["model_config"]["d_in"] == 32 and meta["model_config"]["kind"] == kind
     assert meta["data"]["dim"] == 32
     hist = json.loads((Path(run.run_dir) / "training_history.json").read_text())
     assert [h["epoch"] for h in hist] == [0, 1]

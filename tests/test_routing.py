@@ -43,7 +43,7 @@ def test_explicit_model_wins_and_unknown_is_an_error():
 
 
 def test_slow_phase3_rolls_back_after_min_samples():
-    p = policy(canary_fraction=1.0, p95_limit_ms=10, min_samples=20, window=50)
+    p = policy(threshold=500, canary_fraction=1.0, p95_limit_ms=10, min_samples=20, window=50)
     for _ in range(19):
         assert p.record(PHASE3, 50.0, ok=True) is None  # too few samples for a verdict
     rb = p.record(PHASE3, 50.0, ok=True)
@@ -146,3 +146,12 @@ def test_passing_or_missing_lane_report_does_not_block():
         p.set_canary_lanes(lanes)
         assert p.canary_blocked is None and p.route(11).reason == "canary"
         assert p.status()["lane_rule"]["phase3_failure"] is None
+
+
+def test_default_threshold_routes_nothing_long():
+    """The measured default (docs/serve.md): Phase-3 never beat Phase-2 on val, so no context
+    up to max_context_vectors counts as long; explicit requests still reach Phase-3."""
+    p = policy(canary_fraction=1.0)
+    assert p.cfg.threshold == p.cfg.max_context_vectors
+    assert p.route(p.cfg.max_context_vectors).reason == "short"
+    assert p.route(1000, "phase3").model == PHASE3

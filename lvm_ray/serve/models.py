@@ -66,8 +66,7 @@ class ModelServer:
         ckpt_dir = localize(checkpoint)
         self.predictor = Predictor.from_paths(ckpt_dir, localize(bank), device=device,
                                               allow_bank_mismatch=allow_bank_mismatch)
-        cfg = self.predictor.model.cfg
-        self.state_shape = (cfg.layers, cfg.hidden)
+        self.state_shape = self.predictor.session_shape()
         self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
         self.metrics = ModelMetrics()
         self.user = ModelUserConfig()

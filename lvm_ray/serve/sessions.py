@@ -1,7 +1,8 @@
 """Session state tokens: the server keeps no session state, the client carries it.
 
 A session is a recurrent model's state after the vectors appended so far (GRU state h and the last
-vector), plus which model and checkpoint produced it. The router serialises it (float32
+vector; for a transformer, h is its last max_context vectors), plus which model and checkpoint
+produced it. The router serialises it (float32
 little-endian, base64url) and signs it with HMAC-SHA256; the client sends the token back with each
 append and gets a new one. Any replica holding the key can continue any session, so sessions
 survive replica restarts, scaling and redeploys of the same checkpoint.
@@ -172,9 +173,10 @@ class SessionCodec:
 
 
 def check_compatible(state: SessionState, model: str, fingerprint: str,
-                     state_shape: tuple[int, int], dim: int) -> None:
+                     state_shape: tuple[int | None, int], dim: int) -> None:
     """Raise SessionStale if `state` was not produced by this model's checkpoint (a session
-    with no vectors yet fits any checkpoint of its model)."""
+    with no vectors yet fits any checkpoint of its model). A None in state_shape matches any
+    size: a transformer session's h is its last T vectors (T, D)."""
     if state.model != model:
         raise SessionStale(f"session {state.session_id} belongs to model {state.model!r}, "
                            f"not {model!r}")
@@ -182,8 +184,9 @@ def check_compatible(state: SessionState, model: str, fingerprint: str,
         raise SessionStale(f"session {state.session_id} was made by checkpoint {state.fingerprint} "
                            f"of {model!r}, which now serves checkpoint {fingerprint}; "
                            "open a new session")
-    if state.h is not None and (tuple(state.h.shape) != tuple(state_shape)
-                                or state.last.shape != (dim,)):
+    fits = state.h is None or (state.h.ndim == len(state_shape) and all(
+        w is None or g == w for g, w in zip(state.h.shape, state_shape)))
+    if state.h is not None and (not fits or state.last.shape != (dim,)):
         raise SessionStale(f"session state is shaped h {tuple(state.h.shape)}, last "
                            f"{state.last.shape}; model {model!r} needs h {tuple(state_shape)}, "
                            f"last ({dim},)")

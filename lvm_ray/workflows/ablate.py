@@ -53,6 +53,12 @@ ROWS: tuple[Row, ...] = (
         {"train": {"objective": "last"}}),
     Row("ctx500", "context 500", {"window": {"context": 500}}),
     Row("ctx1000", "context 1000", {"window": {"context": 1000}}),
+    Row("transformer", "causal Transformer (2 pre-LN blocks, 4 heads, rotary positions; "
+        "hidden 192, about the GRU's parameter count)",
+        {"model": {"kind": "transformer", "hidden": 192, "layers": 2, "heads": 4}}),
+    Row("transformer_ctx1000", "causal Transformer as above, context 1000",
+        {"model": {"kind": "transformer", "hidden": 192, "layers": 2, "heads": 4},
+         "window": {"context": 1000}}),
     Row("stream", "stream windows (cross documents inside a split)",
         {"window": {"policy": "stream"}}),
     Row("longer", "longer training: 4x the windows per epoch, up to 12 epochs",
