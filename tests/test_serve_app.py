@@ -59,7 +59,7 @@ def test_health_models_status_and_docs(svc, assets):
     assert p2["fingerprint"] != p3["fingerprint"] and p2["dim"] == DIM
     assert p2["bank_size"] == len(assets["refs"]["phase2"].bank)
     assert models["encoder"] == {"bank_encoder": "hashing-32", "encoder": "hashing-32",
-                                 "text_input": True}
+                                 "backend": "torch", "text_input": True}
     status = ok(svc.http.get("/v1/status"))
     assert status["routing"]["state"] == "phase2_only" and status["routing"]["rolled_back"] is None
     # No lanes.json in these checkpoints: no numbers, a reason, and nothing blocked.

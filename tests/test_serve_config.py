@@ -193,3 +193,22 @@ def test_serve_default_host_is_loopback_without_the_env_override():
     out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True).strip()
     assert out in ("127.0.0.1", "localhost"), out
 
+
+
+def test_lvm_serve_starts_ray_with_the_fast_serve_settings(monkeypatch):
+    """`lvm serve` puts Serve's throughput-optimized settings in the environment before its local
+    Ray starts (the processes Ray starts read them), unless the user set them otherwise."""
+    import argparse
+
+    from lvm_ray import cli
+    from lvm_ray.serve import deploy
+
+    for k in deploy.FAST_SERVE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # a user's own choice wins
+    seen = {}
+    monkeypatch.setattr(cli, "init_ray", lambda: seen.update(
+        {k: __import__("os").environ.get(k) for k in deploy.FAST_SERVE_ENV}))
+    monkeypatch.setattr(deploy, "run_config", lambda path, blocking: None)
+    cli.cmd_serve(argparse.Namespace(serve_config="serve_configs/hybrid.yaml"))
+    assert seen == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}

@@ -31,6 +31,14 @@ APPS = {"lvm_ray.serve.app:build_app": make_app,
 FAST_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
+def use_fast_serve_settings() -> None:
+    """Put FAST_SERVE_ENV in this process's environment (unless set otherwise), so a local Ray
+    started after this call runs Serve in throughput-optimized mode. A Ray that is already
+    running, or a cluster, keeps the settings it was started with."""
+    for k, v in FAST_SERVE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def app_from_config(app: dict[str, Any]) -> Application:
     """One `applications` entry of a serve config -> the app, its `deployments` entries applied
     as deployment options (what Serve does when it deploys the config)."""
@@ -89,8 +97,7 @@ def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentH
         for app in apps:
             app.setdefault("args", {})["session_key"] = key
     if not ray.is_initialized():
-        for k, v in FAST_SERVE_ENV.items():  # read by the processes the local Ray starts
-            os.environ.setdefault(k, v)
+        use_fast_serve_settings()  # read by the processes the local Ray starts
         ray.init()
     serve.start(http_options=raw.get("http_options") or {},
                 grpc_options=raw.get("grpc_options") or None)

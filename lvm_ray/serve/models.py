@@ -281,15 +281,19 @@ class TextEncoder:
         self.dim = meta.get("dim")
         self.name = encoder_for_bank(self.bank_encoder, encoder)
         self.encoder = None
+        # The backend the bank was embedded with (lvm_ray.data.onnx_encoder), so texts land
+        # exactly where the bank's own vectors do.
+        self.backend = meta.get("encoder_backend", "torch")
         if self.name is not None:
-            self.encoder = get_encoder(EncoderConfig(name=self.name, device="cpu"))
+            self.encoder = get_encoder(EncoderConfig(name=self.name, device="cpu",
+                                                     backend=self.backend))
             if self.dim is not None and self.encoder.dim != self.dim:
                 raise ValueError(f"encoder {self.name} makes {self.encoder.dim}-d vectors but the "
                                  f"bank holds {self.dim}-d ones")
 
     def info(self) -> dict[str, Any]:
         return {"bank_encoder": self.bank_encoder, "encoder": self.name,
-                "text_input": self.encoder is not None}
+                "backend": self.backend, "text_input": self.encoder is not None}
 
     async def encode(self, texts: list[str]) -> np.ndarray | dict[str, Any]:
         if self.encoder is None:
