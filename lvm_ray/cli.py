@@ -156,8 +156,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lvm_ray.serve.deploy import run_config
+    from lvm_ray.serve.deploy import run_config, use_fast_serve_settings
 
+    use_fast_serve_settings()  # before the local Ray starts: its processes read them
     init_ray(address=args.address, verbose=args.verbose)
     run_config(args.serve_config, blocking=True)
     return 0

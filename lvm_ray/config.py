@@ -57,6 +57,11 @@ class EncoderConfig:
     name: str = "minilm"
     batch_size: int = 64
     device: str = "auto"
+    # How a sentence-transformers model runs: "torch" (fp16 on a GPU), or exported from the same
+    # local weights at first use (cached beside the bank's embedding cache) to ONNX Runtime
+    # ("onnx", "onnx-int8": dynamic int8) or OpenVINO; the `fast-encoder` extra. onnx-int8 is
+    # the fastest on a CPU for the same embeddings (BENCHMARKS.md, section ingest).
+    backend: Literal["torch", "onnx", "onnx-int8", "openvino"] = "torch"
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,37 @@ from lvm_ray.data.bank import ConceptBank, check_identity, load_bank
 from lvm_ray.data.encoders import encoder_for_bank, get_encoder
 from lvm_ray.device import resolve_device
 from lvm_ray.model import RecurrentState
+from lvm_ray.model.fused_step import FusedStep, StepPrecision
 from lvm_ray.model.quantize import Precision, quantize_model
 from lvm_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint
 
 
+# Appends of up to this many new vectors take the fused step (one call per vector); longer ones
+# (a session opened with a whole document) run the eager model's sequence kernel.
+FUSED_MAX_T = 8
+
+
 class PredictorInputError(ValueError):
-    """The request's context cannot be used (shape, dtype, NaN/Inf, empty, unknown ids)."""
+    """The request's context cannot be used (shape, dtype, NaN/Inf, zero norm, empty, unknown
+    ids)."""
+
+
+def vector_problem(arr: np.ndarray) -> str | None:
+    """Why a (T, D) context cannot be a sequence of sentence embeddings, naming the first bad row,
+    or None. A zero vector has no direction (the model normalises its inputs), and a norm that
+    overflows float32 is no embedding either."""
+    finite = np.isfinite(arr).all(axis=1)  # (T,)
+    if not finite.all():
+        return f"context contains NaN or Inf (first at row {int(np.flatnonzero(~finite)[0])})"
+    with np.errstate(over="ignore"):
+        norms = np.linalg.norm(arr, axis=1)  # (T,) in float32: overflows to inf
+    bad = np.flatnonzero((norms == 0) | ~np.isfinite(norms))
+    if len(bad):
+        row = int(bad[0])
+        what = "zero" if norms[row] == 0 else "not finite (float32 overflow)"
+        return (f"vector at row {row} has a norm that is {what}: every context vector must be a "
+                f"non-zero embedding ({len(bad)} such row(s))")
+    return None
 
 
 @dataclass
@@ -77,6 +102,16 @@ class Predictor:
         # Exact inner-product search: on unit vectors that is cosine similarity.
         self.index = faiss.IndexFlatIP(self.dim)
         self.index.add(bank.vectors)
+        self.step: FusedStep | None = None  # set_append_step: the fused append path
+
+    def set_append_step(self, precision: StepPrecision | None) -> str:
+        """Run short appends (up to FUSED_MAX_T new vectors) through the fused, traced step at
+        `precision` (lvm_ray.model.fused_step); None = the eager model. CPU only: on a GPU the
+        eager model's fused kernels already are the fast path. Returns what appends now use."""
+        self.step = None
+        if precision is not None and self.device == "cpu" and FusedStep.supports(self.model):
+            self.step = FusedStep.build(self.model, precision)
+        return f"fused-{self.step.precision}" if self.step is not None else "eager"
 
     @classmethod
     def from_paths(cls, checkpoint: str | Path, bank: str | Path, device: str = "auto",
@@ -123,8 +158,9 @@ class Predictor:
                 f"context must be shaped (T, {self.dim}), got {tuple(arr.shape)}")
         if arr.shape[0] == 0:
             raise PredictorInputError("context is empty: give at least one vector")
-        if not np.isfinite(arr).all():
-            raise PredictorInputError("context contains NaN or Inf")
+        problem = vector_problem(arr)
+        if problem:
+            raise PredictorInputError(problem)
         return arr
 
     def vectors_for_ids(self, ids: list[int]) -> np.ndarray:
@@ -224,11 +260,15 @@ class Predictor:
         last0 = np.stack([np.zeros(self.dim, np.float32) if x is None else x
                           for x in lasts])  # (B, D)
         dev = self.device
-        state = RecurrentState(torch.from_numpy(h0).to(dev), torch.from_numpy(last0).to(dev))
-        lens = None if len(set(lengths)) == 1 else torch.tensor(lengths)
-        pred, new = self.model(torch.from_numpy(batch).to(dev), state, lens)
+        x, h0, last0 = (torch.from_numpy(a).to(dev) for a in (batch, h0, last0))
+        if self.step is not None and max(lengths) <= FUSED_MAX_T:
+            pred, h, last = self.step.run(x, lengths, h0, last0)
+        else:
+            lens = None if len(set(lengths)) == 1 else torch.tensor(lengths)
+            pred, new = self.model(x, RecurrentState(h0, last0), lens)
+            h, last = new.h, new.last
         pred = pred.float().cpu().numpy()  # (B, D)
-        h, last = new.h.float().cpu().numpy(), new.last.float().cpu().numpy()
+        h, last = h.float().cpu().numpy(), last.float().cpu().numpy()
         nbrs = self.neighbors(pred, k)
         return [(Prediction(pred[i], nbrs[i], lengths[i]), np.ascontiguousarray(h[:, i]),
                  last[i]) for i in range(len(contexts))]

@@ -63,6 +63,9 @@ def test_batch_of_mixed_lengths_equals_singles(predictor, synthetic_bank):
     (np.full((2, 32), np.inf, np.float32), "NaN or Inf"),
     ([["a"] * 32], "numbers"),
     (np.zeros(32, np.float32), "shaped"),
+    (np.vstack([np.ones((2, 32)), np.zeros((1, 32))]).astype(np.float32),
+     "row 2 has a norm that is zero"),
+    (np.full((2, 32), 3e38, np.float32), "row 0 has a norm that is not finite"),
 ])
 def test_bad_inputs_raise_clear_errors(predictor, bad, msg):
     with pytest.raises(PredictorInputError, match=msg):

@@ -143,7 +143,8 @@ def test_request_caps_are_configured_and_enforced():
 
     router = next(d for d in yaml.safe_load((REPO / "serve_configs/hybrid.yaml").read_text())
                   ["applications"][0]["deployments"] if d["name"] == "Router")["user_config"]
-    for key in ("max_body_bytes", "max_context_vectors", "max_k", "session_ttl_s"):
+    for key in ("max_body_bytes", "max_context_vectors", "max_k", "max_text_chars",
+                "session_ttl_s"):
         assert key in router, f"hybrid.yaml does not set the router's {key}"
     uc = from_dict(RouterUserConfig, router)
     assert uc.max_body_bytes <= 64 * 1024 * 1024 and uc.max_context_vectors <= 16384
@@ -174,6 +175,8 @@ def test_hybrid_config_sets_no_public_host():
     raw = yaml.safe_load((REPO / "serve_configs/hybrid.yaml").read_text())
     assert "host" not in (raw.get("http_options") or {})
     assert raw.get("proxy_location") == "HeadOnly"
+    # Ray 2.60's gRPC proxy binds [::] (every interface): gRPC stays opt-in.
+    assert "grpc_options" not in raw
 
 
 def _flip(token: str, i: int) -> str:

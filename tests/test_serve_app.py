@@ -59,7 +59,7 @@ def test_health_models_status_and_docs(svc, assets):
     assert p2["fingerprint"] != p3["fingerprint"] and p2["dim"] == DIM
     assert p2["bank_size"] == len(assets["refs"]["phase2"].bank)
     assert models["encoder"] == {"bank_encoder": "hashing-32", "encoder": "hashing-32",
-                                 "text_input": True}
+                                 "backend": "torch", "text_input": True}
     status = ok(svc.http.get("/v1/status"))
     assert status["routing"]["state"] == "phase2_only" and status["routing"]["rolled_back"] is None
     # No lanes.json in these checkpoints: no numbers, a reason, and nothing blocked.
@@ -285,11 +285,18 @@ def bad_cases():
     b64 = encode_b64(v)
     inf = v.copy()
     inf[0, 0] = np.inf
+    zero, huge = v.copy(), v.copy()
+    zero[1] = 0.0
+    huge[0] = 3e38  # finite values whose norm overflows float32
     nan_json = json.dumps({"vectors": v.tolist()}).replace(str(v.tolist()[0][0]), "NaN", 1)
     return [
         ("wrong dimension", {"json": {"vectors": unit(2, 1)[:, :31].tolist()}}, 422, "(T, 32)"),
         ("NaN", {"content": nan_json}, 422, "NaN"),
         ("Inf", {"json": encode_b64(inf)}, 422, "Inf"),
+        ("zero-norm vector", {"json": encode_b64(zero)}, 422, "vector at row 1 has a norm that is zero"),
+        ("zero-norm JSON vector", {"json": {"vectors": zero.tolist()}}, 422, "row 1"),
+        ("overflowing norm", {"json": encode_b64(huge)}, 422, "row 0 has a norm that is not finite"),
+        ("text budget", {"json": {"texts": ["x" * 600, "y" * 600]}}, 413, "max_text_chars"),
         ("empty vectors", {"json": {"vectors": []}}, 422, "empty"),
         ("empty b64", {"json": {"vectors_b64": "", "shape": [0, 32]}}, 422, "empty"),
         ("empty texts", {"json": {"texts": []}}, 422, "empty"),
@@ -325,7 +332,8 @@ def bad_cases():
 
 
 def test_every_bad_input_is_a_4xx_with_a_message(svc):
-    svc.deploy(router={"max_context_vectors": 300, "max_body_bytes": 200_000})
+    svc.deploy(router={"max_context_vectors": 300, "max_body_bytes": 200_000,
+                       "max_text_chars": 1000})
     s = ok(svc.http.post("/v1/sessions", json={"vectors": unit(2, 21).tolist()}))
     failures = []
     for name, kwargs, status, match in bad_cases():

@@ -12,12 +12,17 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
 from lvm_ray.config import from_dict
-from lvm_ray.serve.config import AppArgs, ModelUserConfig, RouterUserConfig
+from lvm_ray.serve.app import model_app_name
+from lvm_ray.serve.config import AppArgs, ModelAppArgs, ModelUserConfig, RouterUserConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "serve_configs").glob("*.yaml"))
 USER_CONFIGS = {"Router": RouterUserConfig, "Phase2Model": ModelUserConfig,
                 "Phase3Model": ModelUserConfig}
+# import path -> (its args, the deployments it builds)
+APPS = {"lvm_ray.serve.app:build_app": (AppArgs, {"Router", "Phase2Model", "Phase3Model",
+                                                  "TextEncoder"}),
+        "lvm_ray.serve.app:build_model_app": (ModelAppArgs, None)}
 
 
 def load(path: Path) -> dict:
@@ -70,28 +75,52 @@ def test_fits_two_cores(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_import_path_builds(path):
+def test_import_path_builds(path, monkeypatch):
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
 
-    for app in load(path)["applications"]:
-        from_dict(AppArgs, app.get("args", {}))
+    monkeypatch.setenv("LVM_SESSION_KEY", "k" * 32)  # model apps need the shared key
+    apps = load(path)["applications"]
+    for app in apps:
+        args_cls, expected = APPS[app["import_path"]]
+        args = from_dict(args_cls, app.get("args", {}))
+        if args_cls is ModelAppArgs:
+            expected = {"Phase2Model" if args.model == "phase2" else "Phase3Model"}
         builder = import_attr(app["import_path"])
         built = build_app(call_user_app_builder_with_args_if_necessary(builder, app.get("args", {})),
                           name=app["name"])
         names = {d.name for d in built.deployments}
-        assert names == {"Router", "Phase2Model", "Phase3Model", "TextEncoder"}
+        if args_cls is AppArgs and args.model_apps is not None:
+            expected = {"Router", "TextEncoder"}
+            # The router finds each model at the application named for it, route /<name>.
+            for model in ("phase2", "phase3"):
+                mine = [a for a in apps if a["name"] == model_app_name(args.model_apps, model)]
+                assert len(mine) == 1, f"no application {model_app_name(args.model_apps, model)}"
+                assert mine[0]["route_prefix"] == "/" + mine[0]["name"]
+                assert mine[0]["args"]["model"] == model
+        assert names == expected, (app["name"], names)
         assert {d["name"] for d in app.get("deployments", [])} <= names
 
 
+def test_model_apps_refuse_to_build_without_a_shared_key(monkeypatch):
+    from lvm_ray.serve.app import make_app, make_model_app
+
+    monkeypatch.delenv("LVM_SESSION_KEY", raising=False)
+    with pytest.raises(ValueError, match="LVM_SESSION_KEY"):
+        make_app({"model_apps": "lvm-"})
+    with pytest.raises(ValueError, match="LVM_SESSION_KEY"):
+        make_model_app({"model": "phase2"})
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_python_deploy_applies_the_same_options(path):
+def test_python_deploy_applies_the_same_options(path, monkeypatch):
     """run_config (`lvm serve`) deploys through the Python API: each config block must become
     the same deployment options there."""
     from ray.serve._private.build_app import build_app
 
     from lvm_ray.serve.deploy import app_from_config
 
+    monkeypatch.setenv("LVM_SESSION_KEY", "k" * 32)
     for app in load(path)["applications"]:
         built = {d.name: d for d in build_app(app_from_config(app), name=app["name"]).deployments}
         for dep in app.get("deployments", []):
@@ -108,11 +137,14 @@ def test_python_deploy_applies_the_same_options(path):
 
 
 def test_hybrid_defaults_point_at_the_demo():
-    args = load(ROOT / "serve_configs" / "hybrid.yaml")["applications"][0]["args"]
-    assert args == {"phase2_checkpoint": "runs/demo/phase2/best",
-                    "phase3_checkpoint": "runs/demo/phase3/best",
-                    "bank": "data/sotu_demo_bank.parquet"}
-    assert AppArgs() == from_dict(AppArgs, args)
+    apps = {a["name"]: a["args"] for a in load(ROOT / "serve_configs" / "hybrid.yaml")
+            ["applications"]}
+    assert apps["lvm"] == {"bank": "data/sotu_demo_bank.parquet", "model_apps": "lvm-"}
+    assert apps["lvm-phase2"] == {"model": "phase2", "checkpoint": "runs/demo/phase2/best",
+                                  "bank": "data/sotu_demo_bank.parquet"}
+    assert apps["lvm-phase3"] == {"model": "phase3", "checkpoint": "runs/demo/phase3/best",
+                                  "bank": "data/sotu_demo_bank.parquet"}
+    assert ModelAppArgs() == from_dict(ModelAppArgs, apps["lvm-phase2"])
 
 
 def test_unknown_keys_are_errors():
@@ -161,3 +193,23 @@ def test_serve_default_host_is_loopback_without_the_env_override():
     out = subprocess.check_output([sys.executable, "-c", code], env=env, text=True).strip()
     assert out in ("127.0.0.1", "localhost"), out
 
+
+
+def test_lvm_serve_starts_ray_with_the_fast_serve_settings(monkeypatch):
+    """`lvm serve` puts Serve's throughput-optimized settings in the environment before its local
+    Ray starts (the processes Ray starts read them), unless the user set them otherwise."""
+    import argparse
+
+    from lvm_ray import cli
+    from lvm_ray.serve import deploy
+
+    for k in deploy.FAST_SERVE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")  # a user's own choice wins
+    seen = {}
+    monkeypatch.setattr(cli, "init_ray", lambda **kw: seen.update(
+        {k: __import__("os").environ.get(k) for k in deploy.FAST_SERVE_ENV}))
+    monkeypatch.setattr(deploy, "run_config", lambda path, blocking: None)
+    cli.cmd_serve(argparse.Namespace(serve_config="serve_configs/hybrid.yaml", address=None,
+                                     verbose=False))
+    assert seen == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}

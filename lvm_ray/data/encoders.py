@@ -46,6 +46,8 @@ class SentenceTransformerEncoder:
     TRANSFORMERS_OFFLINE are set before the import and the load uses local_files_only."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", name: str | None = None):
+        """On a GPU the model runs in fp16 (twice the throughput of fp32, embeddings equal to
+        ~1e-3); on a CPU in fp32."""
         path = Path(model_path).expanduser()
         if not path.is_dir():
             raise EncoderError(
@@ -62,6 +64,8 @@ class SentenceTransformerEncoder:
             self.model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
         except (OSError, ValueError) as e:
             raise EncoderError(f"{path} is not a loadable sentence-transformers model: {e}") from e
+        if self.device.startswith("cuda"):
+            self.model.half()
         self.name = name or path.resolve().name
         # Renamed in sentence-transformers 6; the old name still exists in 3-5.
         get_dim = getattr(self.model, "get_embedding_dimension", None)
@@ -141,10 +145,17 @@ def encoder_for_bank(bank_encoder: str | None, override: str | None = None) -> s
 
 def encoder_key(cfg: EncoderConfig) -> str:
     """A stricter identity for caches: for a model directory, its absolute path, so two models
-    whose folders share a basename never share cached vectors."""
-    if _HASHING.match(cfg.name) or cfg.name == "minilm":
+    whose folders share a basename never share cached vectors; and the backend, since an
+    exported or int8 model's vectors differ slightly from torch's."""
+    if _HASHING.match(cfg.name):
         return encoder_name(cfg)
-    return str(Path(cfg.name).expanduser().resolve())
+    key = encoder_name(cfg) if cfg.name == "minilm" else str(Path(cfg.name).expanduser().resolve())
+    return key if cfg.backend == "torch" else f"{key}@{cfg.backend}"
+
+
+def default_export_root() -> Path:
+    """Where exported encoders go when the caller names no cache (Serve's text encoder)."""
+    return Path(os.environ.get("LVM_CACHE", "~/.cache/lvm_ray")).expanduser() / "encoders"
 
 
 @functools.lru_cache(maxsize=8)
@@ -153,16 +164,33 @@ def _hashing(dim: int) -> HashingEncoder:
 
 
 @functools.lru_cache(maxsize=4)
-def _sentence_transformer(name: str, device: str) -> SentenceTransformerEncoder:
-    if name == "minilm":
-        return SentenceTransformerEncoder(minilm_path(), device=device, name=MINILM_NAME)
-    return SentenceTransformerEncoder(name, device=device)
+def _sentence_transformer(name: str, device: str, backend: str,
+                          export_root: Path) -> Encoder:
+    path, label = (minilm_path(), MINILM_NAME) if name == "minilm" else (Path(name), None)
+    if backend == "torch":
+        return SentenceTransformerEncoder(path, device=device, name=label)
+    from lvm_ray.data.onnx_encoder import MissingExtra, OnnxEncoder
+
+    if not Path(path).is_dir():
+        raise EncoderError(f"encoder model directory not found: {path}")
+    try:
+        import torch
+
+        return OnnxEncoder(path, backend, export_root, label or Path(path).resolve().name,
+                           threads=torch.get_num_threads())
+    except MissingExtra as e:
+        raise EncoderError(str(e)) from e
+    except ValueError as e:
+        raise EncoderError(f"{path}: {e}; use encoder.backend=torch") from e
 
 
-def get_encoder(cfg: EncoderConfig) -> Encoder:
-    """'minilm', 'hashing' / 'hashing-<dim>', or a local model directory. Loaded once per
-    process (Ray actors and tests reuse it)."""
+def get_encoder(cfg: EncoderConfig, export_root: Path | None = None) -> Encoder:
+    """'minilm', 'hashing' / 'hashing-<dim>', or a local model directory, on cfg.backend.
+    Loaded once per process (Ray actors and tests reuse it). export_root: where an exported
+    backend's model is cached (default: default_export_root()). The fast backends run on the
+    CPU; on a GPU use backend torch (fp16)."""
     m = _HASHING.match(cfg.name)
     if m:
         return _hashing(int(m.group(1) or 64))
-    return _sentence_transformer(cfg.name, resolve_device(cfg.device))
+    return _sentence_transformer(cfg.name, resolve_device(cfg.device), cfg.backend,
+                                 Path(export_root or default_export_root()))

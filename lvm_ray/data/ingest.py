@@ -226,6 +226,8 @@ def plan_ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg:
         "split": _split_meta(split_cfg),
         "fingerprint": fingerprint,
     }
+    if encoder_cfg.backend != "torch":  # torch banks keep the metadata they always had
+        meta["encoder_backend"] = encoder_cfg.backend
     return IngestPlan(out_path=out_path, cache_dir=cache_dir, docs=plans, skipped=skipped,
                       split_cfg=split_cfg, meta=meta, reuse_bank=reuse_existing(out_path, meta, overwrite),
                       cache_hits=sum(d.cached for d in plans))
@@ -302,7 +304,9 @@ def ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg: Spli
     plan = plan_ingest(corpus_cfg, encoder_cfg, split_cfg, out_path, show_progress, overwrite)
     todo = plan.todo
     if todo and encode_fn is None:
-        encoder = get_encoder(encoder_cfg)  # loaded only when something needs encoding
+        # Loaded only when something needs encoding; an exported backend's model is cached
+        # beside the embeddings.
+        encoder = get_encoder(encoder_cfg, export_root=plan.cache_dir / "encoders")
 
         def encode_fn(texts: list[str]) -> np.ndarray:
             return encoder.encode(texts, batch_size=encoder_cfg.batch_size)

@@ -20,12 +20,13 @@ from lvm_ray.data.ingest import IngestResult, finish_ingest, group_vectors, plan
 class EncodeBatch:
     """A Ray Data actor: loads the encoder once, then embeds batches of chunk texts."""
 
-    def __init__(self, encoder_cfg: EncoderConfig, threads: int = 1):
+    def __init__(self, encoder_cfg: EncoderConfig, threads: int = 1,
+                 export_root: str | None = None):
         import torch
 
         # One intra-op thread per CPU the actor owns: oversubscribed OpenMP threads spin.
         torch.set_num_threads(max(1, threads))
-        self.encoder = get_encoder(encoder_cfg)
+        self.encoder = get_encoder(encoder_cfg, export_root=export_root)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vectors = self.encoder.encode(list(batch["text"]), batch_size=len(batch["text"]))
@@ -58,6 +59,7 @@ def ingest_with_ray(cfg: Config, out_path: str | Path, num_encoders: int | None 
     encoded = ds.map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"encoder_cfg": cfg.encoder,
+                               "export_root": str(plan.cache_dir / "encoders"),
                                "threads": max(1, cpus // num_encoders)},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_encoders),

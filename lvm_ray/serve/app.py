@@ -1,12 +1,18 @@
 """The Ray Serve application: two model deployments, a text encoder and the router.
 
-    HTTP -> proxy -> Router (lvm_ray.serve.router: parse, decode, route, sign sessions)
+    HTTP / gRPC -> proxy -> Router (lvm_ray.serve.router: parse, decode, route, sign sessions)
                        |-> Phase2Model (lvm_ray.serve.models: 500-context checkpoint, batched)
                        |-> Phase3Model (lvm_ray.serve.models: 1000-context checkpoint, batched)
                        '-> TextEncoder (the bank's encoder, for text input)
 
     serve run serve_configs/hybrid.yaml                     # the config names paths in `args`
     serve run lvm_ray.serve.app:build_app phase2_checkpoint=... phase3_checkpoint=... bank=...
+
+With `model_apps: "lvm-"` (serve_configs/hybrid.yaml) each model is its own application
+(build_model_app, route prefix /lvm-phase2 and /lvm-phase3): the router reaches it through a
+handle as before, and session appends go straight to it:
+
+    HTTP / gRPC -> proxy -> Phase2Model (POST /lvm-phase2/v1/sessions/{id}/append, gRPC Append)
 """
 
 import os
@@ -17,7 +23,7 @@ from ray.serve import Application
 from ray.serve.deployment import Deployment
 
 from lvm_ray.config import from_dict
-from lvm_ray.serve.config import AppArgs
+from lvm_ray.serve.config import AppArgs, ModelAppArgs
 from lvm_ray.serve.models import DEPLOYMENT_NAMES, ModelServer, TextEncoder
 from lvm_ray.serve.router import Router
 from lvm_ray.serve.routing import PHASE2, PHASE3
@@ -48,10 +54,15 @@ def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] 
         return {"name": name, **options.pop(name, {})}
 
     bank = path(a.bank)
-    phase2 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
-        PHASE2, path(a.phase2_checkpoint), bank, a.device, a.allow_bank_mismatch)
-    phase3 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
-        PHASE3, path(a.phase3_checkpoint), bank, a.device, a.allow_bank_mismatch)
+    if a.model_apps is not None:
+        if not (os.environ.get("LVM_SESSION_KEY") or a.session_key):
+            raise ValueError(_NO_SHARED_KEY)
+        phase2, phase3 = (model_app_name(a.model_apps, m) for m in (PHASE2, PHASE3))
+    else:
+        phase2 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
+            PHASE2, path(a.phase2_checkpoint), bank, a.device, key, a.allow_bank_mismatch)
+        phase3 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
+            PHASE3, path(a.phase3_checkpoint), bank, a.device, key, a.allow_bank_mismatch)
     encoder = TextEncoder.options(**opts("TextEncoder")).bind(bank, a.encoder)
     app = Router.options(**opts("Router")).bind(phase2, phase3, encoder, key)
     if options:
@@ -60,4 +71,36 @@ def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] 
     return app
 
 
-__all__ = ["build_app", "make_app"]
+_NO_SHARED_KEY = ("model_apps: the router application signs session tokens that the model "
+                  "applications verify, so they need one key: set LVM_SESSION_KEY in the "
+                  "cluster's environment or the same args.session_key in every application "
+                  "(`lvm serve` sets one for a local Ray)")
+
+
+def model_app_name(prefix: str, model: str) -> str:
+    """The application (and route prefix, /<name>) of `model` when models are their own apps."""
+    return f"{prefix}{model}"
+
+
+def build_model_app(args: dict[str, Any]) -> Application:
+    """One model as its own application (see ModelAppArgs): its ModelServer is the ingress, so it
+    serves its sessions' appends over HTTP and gRPC without the router."""
+    return make_model_app(args)
+
+
+def make_model_app(args: dict[str, Any] | ModelAppArgs, options: dict[str, Any] | None = None,
+                   model_deployment: Deployment = ModelServer) -> Application:
+    a = args if isinstance(args, ModelAppArgs) else from_dict(ModelAppArgs, dict(args or {}),
+                                                              "args")
+    key = os.environ.get("LVM_SESSION_KEY") or a.session_key
+    if not key:
+        raise ValueError(_NO_SHARED_KEY)
+
+    def path(p: str) -> str:
+        return p if is_uri(p) else str(Path(p).expanduser().resolve())
+
+    return model_deployment.options(name=DEPLOYMENT_NAMES[a.model], **(options or {})).bind(
+        a.model, path(a.checkpoint), path(a.bank), a.device, key, a.allow_bank_mismatch)
+
+
+__all__ = ["build_app", "build_model_app", "make_app", "make_model_app", "model_app_name"]

@@ -1,9 +1,12 @@
 """Deploying a serve config file through the Python API: what `lvm serve` runs.
 
 `serve run CONFIG` and `serve deploy CONFIG` do the same from the command line; this path applies
-each `deployments` entry as deployment options, as Serve does, and says where it listens.
+each `deployments` entry as deployment options, as Serve does, gives every application one
+session key when none is set, starts a local Ray in Serve's throughput-optimized mode, and says
+where it actually listens.
 """
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,39 +16,97 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from lvm_ray.serve.app import make_app
+from lvm_ray.serve.app import make_app, make_model_app
+from lvm_ray.serve.sessions import KEY_ENV, new_key
+
+APPS = {"lvm_ray.serve.app:build_app": make_app,
+        "lvm_ray.serve.app:build_model_app": make_model_app}
+# Serve's throughput-optimized mode (RAY_NOTES.md, docs/serve.md "Fast settings"): user code
+# and the handle router on the replica's own event loop, gRPC between replicas, request logs
+# buffered, GC frozen after start-up. Safe here because nothing lvm_ray runs on a replica's event
+# loop blocks for long: model batches above a few vectors and the text encoder run in threads,
+# and the rest (JSON parsing, a batch-1 append) takes a millisecond or two. Direct ingress (each
+# ingress replica on its own port, for an external load balancer) stays off: clients use the
+# proxy's address.
+FAST_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def use_fast_serve_settings() -> None:
+    """Put FAST_SERVE_ENV in this process's environment (unless set otherwise), so a local Ray
+    started after this call runs Serve in throughput-optimized mode. A Ray that is already
+    running, or a cluster, keeps the settings it was started with."""
+    for k, v in FAST_SERVE_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def app_from_config(app: dict[str, Any]) -> Application:
     """One `applications` entry of a serve config -> the app, its `deployments` entries applied
     as deployment options (what Serve does when it deploys the config)."""
+    build = APPS.get(app["import_path"])
+    if build is None:
+        raise ValueError(f"run_config deploys lvm_ray apps only ({', '.join(APPS)}), got "
+                         f"{app['import_path']}; use `serve run`")
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
                for d in app.get("deployments", [])}
+    if build is make_model_app:  # one deployment: its options apply directly
+        return make_model_app(app.get("args", {}), next(iter(options.values()), None))
     return make_app(app.get("args", {}), options)
+
+
+def serving_address() -> str:
+    """The address Serve's HTTP proxy is bound to, read back from the running Serve (not from
+    the config file: a Serve started earlier keeps its own options)."""
+    from ray.serve.context import _get_global_client
+
+    import ray
+
+    cfg = ray.get(_get_global_client()._controller.get_http_config.remote())
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+def grpc_address() -> str | None:
+    """Where Serve's gRPC proxy listens, or None when no gRPC servicer is configured. Ray 2.60
+    binds it to every interface ([::]), whatever http_options.host says."""
+    from ray.serve.context import _get_global_client
+
+    import ray
+
+    cfg = ray.get(_get_global_client()._controller.get_grpc_config.remote())
+    return f"[::]:{cfg.port} (all interfaces)" if cfg.grpc_servicer_functions else None
 
 
 def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentHandle]:
     """Deploy a serve config file (e.g. serve_configs/hybrid.yaml) on the current Ray (started
-    locally if needed) through the Python API: what `serve run CONFIG` does, for `lvm serve`.
-    With blocking=True it serves until interrupted. Returns the ingress handle of each app."""
+    locally if needed, in Serve's throughput-optimized mode) through the Python API: what
+    `serve run CONFIG` does, for `lvm serve`. With blocking=True it serves until interrupted.
+    Returns the ingress handle of each app."""
     import ray
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load(Path(path).read_text())
-    cfg = ServeDeploySchema.model_validate(raw)  # the same checks `serve deploy` makes
+    ServeDeploySchema.model_validate(raw)  # the same checks `serve deploy` makes
+    apps = raw["applications"]
+    for app in apps:  # refuse a foreign app before starting anything
+        if app["import_path"] not in APPS:
+            raise ValueError(f"{path}: run_config deploys lvm_ray apps only ({', '.join(APPS)}), "
+                             f"got {app['import_path']}; use `serve run {path}`")
+    if not (os.environ.get(KEY_ENV) or all(a.get("args", {}).get("session_key") for a in apps)):
+        # One key for every application of this deploy: the router signs, the models verify.
+        # Sessions do not survive a restart of `lvm serve` unless LVM_SESSION_KEY is set.
+        key = new_key()
+        for app in apps:
+            app.setdefault("args", {})["session_key"] = key
     if not ray.is_initialized():
+        use_fast_serve_settings()  # read by the processes the local Ray starts
         ray.init()
-    serve.start(http_options=raw.get("http_options") or {})
-    handles = {}
-    for app in raw["applications"]:
-        if app["import_path"] != "lvm_ray.serve.app:build_app":
-            raise ValueError(f"{path}: run_config deploys lvm_ray apps only, got "
-                             f"{app['import_path']}; use `serve run {path}`")
-        handles[app["name"]] = serve.run(app_from_config(app), name=app["name"],
-                                         route_prefix=app.get("route_prefix", "/"))
-    host, port = cfg.http_options.host, cfg.http_options.port
-    print(f"lvm_ray serving on http://{host}:{port}/ (OpenAPI at /docs); Ctrl-C stops it",
-          flush=True)
+    serve.start(http_options=raw.get("http_options") or {},
+                grpc_options=raw.get("grpc_options") or None)
+    handles = {app["name"]: serve.run(app_from_config(app), name=app["name"],
+                                      route_prefix=app.get("route_prefix", "/"))
+               for app in apps}
+    grpc = grpc_address()
+    print(f"lvm_ray serving on {serving_address()}/ (OpenAPI at /docs)"
+          + (f", gRPC on {grpc}" if grpc else "") + "; Ctrl-C stops it", flush=True)
     if blocking:
         try:
             while True:

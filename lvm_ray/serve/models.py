@@ -1,13 +1,21 @@
 """The model and encoder deployments: a checkpoint + the concept bank behind batched predict and
 session-append methods, and the bank's text encoder. The maths lives in lvm_ray.predictor; a
 client's bad input is returned as {"error", "status"} (an answer, not a replica failure).
+
+A model deployment is also an HTTP / gRPC ingress for its sessions' appends
+(POST /v1/sessions/{id}/append, gRPC Append): when it runs as its own application (the shipped
+config), clients append to it directly, with no router hop; the router signs and this replica
+verifies the same session tokens.
 """
 
 import asyncio
+import os
 import time
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from lvm_ray.config import EncoderConfig, from_dict, to_dict
@@ -15,12 +23,13 @@ from lvm_ray.data.bank import read_bank_meta
 from lvm_ray.data.encoders import encoder_for_bank, get_encoder
 from lvm_ray.eval.lanes import LANES_JSON, lane_report
 from lvm_ray.predictor import Predictor, PredictorInputError
+from lvm_ray.serve import ingress
 from lvm_ray.serve.config import ModelUserConfig
 from lvm_ray.serve.metrics import ModelMetrics
 from lvm_ray.serve.routing import PHASE2, PHASE3, lane_summary
-from lvm_ray.serve.schemas import RequestError
-from lvm_ray.serve.sessions import (SessionError, SessionState, check_compatible,
-                                    checkpoint_fingerprint)
+from lvm_ray.serve.schemas import (RequestError, SessionAppendRequest, SessionOut, body_schema)
+from lvm_ray.serve.sessions import (SessionCodec, SessionError, SessionState, check_compatible,
+                                    checkpoint_fingerprint, resolve_key, KEY_ENV)
 from lvm_ray.storage import localize
 
 DEPLOYMENT_NAMES = {PHASE2: "Phase2Model", PHASE3: "Phase3Model"}
@@ -50,17 +59,34 @@ def _client_error(status: int, detail: str) -> dict[str, Any]:
     return {"error": detail, "status": status}
 
 
+model_api = FastAPI(title="lvm_ray model", version="1",
+                    description="A model's own session-append endpoint (no router hop). Open "
+                                "sessions at the router; its answer's append_url points here.")
+
+
+@model_api.exception_handler(RequestError)
+async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": e.detail}, status_code=e.status,
+                        headers=getattr(e, "headers", None))
+
+
+@model_api.exception_handler(SessionError)
+async def _session_error(_: Request, e: SessionError) -> JSONResponse:
+    return JSONResponse({"detail": str(e)}, status_code=e.status)
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=64,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
     health_check_period_s=5,
 )
+@serve.ingress(model_api)
 class ModelServer:
     """One checkpoint + the concept bank (FAISS index) behind @serve.batch methods."""
 
     def __init__(self, name: str, checkpoint: str, bank: str, device: str = "cpu",
-                 allow_bank_mismatch: bool = False):
+                 session_key: str | None = None, allow_bank_mismatch: bool = False):
         self.name = name
         self.checkpoint = checkpoint
         ckpt_dir = localize(checkpoint)
@@ -70,10 +96,23 @@ class ModelServer:
         self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
         self.metrics = ModelMetrics()
         self.user = ModelUserConfig()
+        self.append_step = self._set_append_step(self.user.append_step)
+        # Verifies the tokens the router signs (the same key); None: this replica only serves
+        # handle calls (appends come through the router).
+        self.codec = (SessionCodec(resolve_key(session_key), ttl_s=self.user.session_ttl_s)
+                      if session_key or os.environ.get(KEY_ENV) else None)
         self.lanes, self.lanes_reason = _read_lanes(ckpt_dir)
 
+    def _set_append_step(self, step: str) -> str:
+        return self.predictor.set_append_step(None if step == "eager" else step)
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
+        old = self.user
         self.user = from_dict(ModelUserConfig, user_config or {}, "user_config")
+        if self.user.append_step != old.append_step:
+            self.append_step = self._set_append_step(self.user.append_step)
+        if self.codec is not None:
+            self.codec.ttl_s = self.user.session_ttl_s
         for fn in (self._predict_batch, self._append_batch):
             fn.set_max_batch_size(self.user.max_batch_size)
             fn.set_batch_wait_timeout_s(self.user.batch_wait_timeout_s)
@@ -89,7 +128,7 @@ class ModelServer:
                 "bank_size": i["bank_size"], "bank_mismatch": i["bank_mismatch"],
                 "bank_encoder": self.predictor.bank.meta.get("encoder"),
                 "lanes": self.lanes, "lanes_reason": self.lanes_reason,
-                "user_config": to_dict(self.user),
+                "append_step": self.append_step, "user_config": to_dict(self.user),
                 "replica": serve.get_replica_context().replica_tag}
 
     def _vectors(self, vectors: np.ndarray | None, concept_ids: list[int] | None) -> np.ndarray:
@@ -166,6 +205,68 @@ class ModelServer:
         self.metrics.forward.observe(ms, tags=tags)
         self.metrics.batch_size.observe(batch, tags=tags)
 
+    # ------------------------------------------------------------------ direct session appends
+
+    @model_api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @model_api.post("/v1/sessions/{session_id}/append", response_model=SessionOut,
+                    openapi_extra=body_schema(SessionAppendRequest))
+    async def append_http(self, session_id: str, request: Request) -> JSONResponse:
+        """Append to a session of this model, as the router's endpoint of the same path does,
+        without the router hop. Vectors, vectors_b64 or concept_ids (texts go to the router,
+        which holds the text encoder)."""
+        t0 = time.perf_counter()
+        req, ctx = await ingress.parse(request, SessionAppendRequest, self.user)
+        return JSONResponse(await self._append_direct(session_id, req.state, ctx, req.k,
+                                                      req.return_vector, t0))
+
+    # No protobuf annotations on methods: Serve pickles the ingress class by value, and
+    # protobuf descriptors do not pickle.
+    async def Append(self, request, grpc_context=None):  # lvm_pb2.AppendRequest -> Prediction
+        """gRPC twin of append_http."""
+        t0 = time.perf_counter()
+        try:
+            k = request.k or 5
+            ingress.check_k(k, self.user)
+            ctx = ingress.proto_context(request.context, self.user)
+            return ingress.proto_prediction(await self._append_direct(
+                request.session_id, request.state, ctx, k, request.return_vector, t0))
+        except (RequestError, SessionError) as e:
+            detail = e.detail if isinstance(e, RequestError) else str(e)
+            return ingress.grpc_error(grpc_context, e.status, detail)
+
+    async def _append_direct(self, session_id: str, token: str, ctx, k: int,
+                             return_vector: bool, t0: float) -> dict[str, Any]:
+        if self.codec is None:
+            raise RequestError(503, "this model deployment has no session key, so it cannot "
+                                    "verify session tokens: append through the router, or set "
+                                    "LVM_SESSION_KEY / args.session_key for every application")
+        if ctx.texts is not None:
+            raise RequestError(422, "text input is encoded by the router: append texts at the "
+                                    "router's /v1/sessions/{id}/append; this endpoint takes "
+                                    "vectors, vectors_b64 or concept_ids")
+        timings = {"decode": ctx.decode_ms}
+        state = ingress.session_state(self.codec, token, session_id)
+        if state.model != self.name:
+            raise RequestError(409, f"session {session_id} belongs to model {state.model!r}, not "
+                                    f"{self.name!r}: append at the append_url its open returned")
+        t1 = time.perf_counter()
+        out = await self.append(state, ctx.vectors, ctx.concept_ids, k, return_vector)
+        if "error" in out:
+            raise RequestError(out["status"], out["error"])
+        ingress.advance(state, out, ctx.n)
+        timings.update(model=out["model_ms"], model_call=(time.perf_counter() - t1) * 1000,
+                       total=(time.perf_counter() - t0) * 1000)
+        result = ingress.prediction(out, self.name, "session", ctx.n, timings)
+        result.update(session_id=state.session_id, state=self.codec.encode(state),
+                      n_seen=state.n_seen,
+                      # This app's route prefix is /<app name> (lvm_ray.serve.app.model_app_name).
+                      append_url=f"/{serve.get_replica_context().app_name}"
+                                 f"/v1/sessions/{state.session_id}/append")
+        return result
+
 
 # ----------------------------------------------------------------------------- encoder
 
@@ -180,15 +281,19 @@ class TextEncoder:
         self.dim = meta.get("dim")
         self.name = encoder_for_bank(self.bank_encoder, encoder)
         self.encoder = None
+        # The backend the bank was embedded with (lvm_ray.data.onnx_encoder), so texts land
+        # exactly where the bank's own vectors do.
+        self.backend = meta.get("encoder_backend", "torch")
         if self.name is not None:
-            self.encoder = get_encoder(EncoderConfig(name=self.name, device="cpu"))
+            self.encoder = get_encoder(EncoderConfig(name=self.name, device="cpu",
+                                                     backend=self.backend))
             if self.dim is not None and self.encoder.dim != self.dim:
                 raise ValueError(f"encoder {self.name} makes {self.encoder.dim}-d vectors but the "
                                  f"bank holds {self.dim}-d ones")
 
     def info(self) -> dict[str, Any]:
         return {"bank_encoder": self.bank_encoder, "encoder": self.name,
-                "text_input": self.encoder is not None}
+                "backend": self.backend, "text_input": self.encoder is not None}
 
     async def encode(self, texts: list[str]) -> np.ndarray | dict[str, Any]:
         if self.encoder is None:

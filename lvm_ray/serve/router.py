@@ -2,7 +2,15 @@
 
 It decodes a request's context, encodes texts through the TextEncoder, picks Phase-2 or Phase-3
 with the routing policy (lvm_ray.serve.routing), calls that model deployment and signs session
-state (lvm_ray.serve.sessions). Request checks live in lvm_ray.serve.schemas.
+state (lvm_ray.serve.sessions). Request checks live in lvm_ray.serve.schemas and .ingress.
+
+Sessions: the routing decision for a session is made once, at open. When each model runs as its
+own application (AppArgs.model_apps, the shipped config), the open answer's `append_url` points
+at that model's own endpoint, so appends skip this router (one Serve hop less); the router's own
+append URL keeps working. gRPC (lvm.proto): Predict and Append, the same answers as over HTTP.
+
+Why this file is long: the HTTP endpoints, their gRPC twins and the guardrail bookkeeping around
+every model call belong to the one ingress class; the request checks live elsewhere.
 """
 
 import asyncio
@@ -16,9 +24,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from lvm_ray.config import from_dict, to_dict
+from lvm_ray.serve import ingress
 from lvm_ray.serve.config import RouterUserConfig
 from lvm_ray.serve.metrics import RouterMetrics
-from lvm_ray.serve.models import short_error
+from lvm_ray.serve.models import DEPLOYMENT_NAMES, short_error
 from lvm_ray.serve.routing import PHASE2, PHASE3, RoutingPolicy
 from lvm_ray.serve.schemas import (
     Context,
@@ -30,16 +39,8 @@ from lvm_ray.serve.schemas import (
     SessionOpenRequest,
     SessionOut,
     body_schema,
-    decode_context,
-    parse_request,
 )
-from lvm_ray.serve.sessions import (
-    SessionCodec,
-    SessionError,
-    SessionState,
-    SessionUnknown,
-    resolve_key,
-)
+from lvm_ray.serve.sessions import SessionCodec, SessionError, SessionState, resolve_key
 
 api = FastAPI(title="lvm_ray", version="1",
               description="Next-concept prediction with latent vector models (Phase-2 / Phase-3 "
@@ -48,7 +49,8 @@ api = FastAPI(title="lvm_ray", version="1",
 
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-    return JSONResponse({"detail": e.detail}, status_code=e.status)
+    return JSONResponse({"detail": e.detail}, status_code=e.status,
+                        headers=getattr(e, "headers", None))
 
 
 @api.exception_handler(SessionError)
@@ -63,9 +65,15 @@ async def _session_error(_: Request, e: SessionError) -> JSONResponse:
 )
 @serve.ingress(api)
 class Router:
-    def __init__(self, phase2: DeploymentHandle, phase3: DeploymentHandle,
+    def __init__(self, phase2: DeploymentHandle | str, phase3: DeploymentHandle | str,
                  encoder: DeploymentHandle, session_key: str | None = None):
-        self.handles = {PHASE2: phase2, PHASE3: phase3}
+        """A model given as a string is the name of its own application (route prefix
+        /<name>), whose ingress also serves that model's session appends."""
+        models = {PHASE2: phase2, PHASE3: phase3}
+        self.handles = {m: serve.get_deployment_handle(DEPLOYMENT_NAMES[m], app_name=h,
+                                                       _check_exists=False)
+                        if isinstance(h, str) else h for m, h in models.items()}
+        self.append_prefix = {m: f"/{h}" if isinstance(h, str) else "" for m, h in models.items()}
         self.encoder = encoder
         self.user = RouterUserConfig()
         self.policy = RoutingPolicy(self.user)
@@ -81,32 +89,8 @@ class Router:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _body(self, request: Request) -> bytes:
-        cap = self.user.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise RequestError(413, f"request body is {declared} bytes; the limit is {cap} "
-                                    "(router user_config max_body_bytes); send vectors_b64, "
-                                    "fewer vectors, or use a session")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise RequestError(413, f"request body exceeds {cap} bytes (router user_config "
-                                        "max_body_bytes)")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def _parse(self, request: Request, model: type[BaseModel], required: bool = True):
-        body = await self._body(request)
-        t0 = time.perf_counter()
-        req = parse_request(body, model)
-        if req.k > self.user.max_k:
-            raise RequestError(422, f"k must be <= {self.user.max_k}, got {req.k}")
-        ctx = decode_context(req, self.user.max_context_vectors, required=required)
-        if ctx is not None:
-            ctx.decode_ms = (time.perf_counter() - t0) * 1000
-        return req, ctx
+        return await ingress.parse(request, model, self.user, required)
 
     async def _vectors(self, ctx: Context, timings: dict[str, float]) -> None:
         """Texts -> vectors through the encoder deployment (in place)."""
@@ -168,11 +152,6 @@ class Router:
             raise RequestError(422, str(e)) from None
         self.metrics.routes.inc(tags={"model": r.model, "reason": r.reason})
         return r
-
-    def _prediction(self, out: dict, model: str, route: str, n: int, timings: dict) -> dict:
-        return {"model": model, "route": route, "context_length": n,
-                "context_used": out["context_used"], "neighbors": out["neighbors"],
-                "vector": out["vector"], "batch_size": out["batch_size"], "timings_ms": timings}
 
     async def _timed(self, endpoint: str, fn, *args) -> JSONResponse:
         """Run an endpoint body with request/error/latency metrics around it. The body is
@@ -241,7 +220,7 @@ class Router:
                                         ctx.concept_ids, req.k, req.return_vector)
         timings.update(model=out["model_ms"], model_call=call_ms,
                        total=(time.perf_counter() - t0) * 1000)
-        return self._prediction(out, r.model, r.reason, ctx.n, timings)
+        return ingress.prediction(out, r.model, r.reason, ctx.n, timings)
 
     @api.post("/v1/sessions", response_model=SessionOpenOut,
               openapi_extra=body_schema(SessionOpenRequest))
@@ -261,10 +240,15 @@ class Router:
         if ctx is not None:
             timings = {"decode": ctx.decode_ms}
             out = await self._append(state, ctx, req, timings, t0)
-            prediction = self._prediction(out, r.model, r.reason, ctx.n, timings)
+            prediction = ingress.prediction(out, r.model, r.reason, ctx.n, timings)
         return {"session_id": state.session_id, "state": self.codec.encode(state),
                 "model": r.model, "route": r.reason, "n_seen": state.n_seen,
-                "prediction": prediction}
+                "append_url": self._append_url(state), "prediction": prediction}
+
+    def _append_url(self, state: SessionState) -> str:
+        """Where the session's appends go: its model's own endpoint when the model is its own
+        application (no router hop), else this router's."""
+        return f"{self.append_prefix[state.model]}/v1/sessions/{state.session_id}/append"
 
     @api.post("/v1/sessions/{session_id}/append", response_model=SessionOut,
               openapi_extra=body_schema(SessionAppendRequest))
@@ -276,17 +260,18 @@ class Router:
     async def _append_endpoint(self, session_id: str, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
         req, ctx = await self._parse(request, SessionAppendRequest)
-        state = self.codec.decode(req.state)
-        if state.session_id != session_id:
-            raise SessionUnknown(f"unknown session {session_id!r}: the state token belongs to "
-                                 f"session {state.session_id!r}")
+        return await self._append_session(session_id, req.state, ctx, req, t0)
+
+    async def _append_session(self, session_id: str, token: str, ctx: Context, req,
+                              t0: float) -> dict[str, Any]:
+        state = ingress.session_state(self.codec, token, session_id)
         if state.model not in self.handles:
             raise RequestError(409, f"session model {state.model!r} is not deployed")
         timings = {"decode": ctx.decode_ms}
         out = await self._append(state, ctx, req, timings, t0)
-        result = self._prediction(out, state.model, "session", ctx.n, timings)
+        result = ingress.prediction(out, state.model, "session", ctx.n, timings)
         result.update(session_id=state.session_id, state=self.codec.encode(state),
-                      n_seen=state.n_seen)
+                      n_seen=state.n_seen, append_url=self._append_url(state))
         return result
 
     async def _append(self, state: SessionState, ctx: Context, req, timings: dict,
@@ -295,9 +280,50 @@ class Router:
         await self._vectors(ctx, timings)
         out, call_ms = await self._call(state.model, "append", state, ctx.vectors,
                                         ctx.concept_ids, req.k, req.return_vector)
-        state.h, state.last, state.fingerprint = out["h"], out["last"], out["fingerprint"]
-        state.n_seen += ctx.n
-        state.issued_at = time.time()
+        ingress.advance(state, out, ctx.n)
         timings.update(model=out["model_ms"], model_call=call_ms,
                        total=(time.perf_counter() - t0) * 1000)
         return out
+
+    # ------------------------------------------------------------------ gRPC (lvm.proto)
+
+    async def Predict(self, request, grpc_context=None):  # lvm_pb2.PredictRequest -> Prediction
+        """gRPC twin of POST /v1/predict."""
+        return await self._grpc(self._predict_proto, request, grpc_context)
+
+    # No protobuf annotations on methods: Serve pickles the ingress class by value, and
+    # protobuf descriptors do not pickle.
+    async def Append(self, request, grpc_context=None):  # lvm_pb2.AppendRequest -> Prediction
+        """gRPC twin of POST /v1/sessions/{id}/append (through this router)."""
+        return await self._grpc(self._append_proto, request, grpc_context)
+
+    async def _grpc(self, fn, request, grpc_context):
+        try:
+            return ingress.proto_prediction(await fn(request))
+        except (RequestError, SessionError) as e:
+            detail = e.detail if isinstance(e, RequestError) else str(e)
+            return ingress.grpc_error(grpc_context, e.status, detail)
+
+    async def _predict_proto(self, msg) -> dict[str, Any]:  # msg: lvm_pb2.PredictRequest
+        t0 = time.perf_counter()
+        k = msg.k or 5
+        ingress.check_k(k, self.user)
+        ctx = ingress.proto_context(msg.context, self.user)
+        timings = {"decode": (time.perf_counter() - t0) * 1000}
+        await self._vectors(ctx, timings)
+        r = await self._route(ctx.n, msg.model or None)
+        out, call_ms = await self._call(r.model, "predict", ctx.vectors, ctx.concept_ids, k,
+                                        msg.return_vector)
+        timings.update(model=out["model_ms"], model_call=call_ms,
+                       total=(time.perf_counter() - t0) * 1000)
+        return ingress.prediction(out, r.model, r.reason, ctx.n, timings)
+
+    async def _append_proto(self, msg) -> dict[str, Any]:  # msg: lvm_pb2.AppendRequest
+        t0 = time.perf_counter()
+        k = msg.k or 5
+        ingress.check_k(k, self.user)
+        ctx = ingress.proto_context(msg.context, self.user)
+        ctx.decode_ms = (time.perf_counter() - t0) * 1000
+        req = SessionAppendRequest.model_construct(state=msg.state, k=k,
+                                                   return_vector=msg.return_vector)
+        return await self._append_session(msg.session_id, msg.state, ctx, req, t0)

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lvm_ray.predictor import vector_problem
+
 ModelName = Literal["phase2", "phase3"]
 CONTEXT_FIELDS = ("vectors", "vectors_b64", "concept_ids", "texts")
 
@@ -88,10 +90,15 @@ class PredictionOut(BaseModel):
                     "batch), model_call (router -> model round trip), total (inside the router)")
 
 
+APPEND_URL = ("where to send this session's appends: the model's own endpoint when it runs as "
+              "its own application (no router hop), else the router's")
+
+
 class SessionOut(PredictionOut):
     session_id: str
     state: str = Field(description="send this back with the next append")
     n_seen: int = Field(description="vectors consumed by the session so far")
+    append_url: str = Field(description=APPEND_URL)
 
 
 class SessionOpenOut(BaseModel):
@@ -100,6 +107,7 @@ class SessionOpenOut(BaseModel):
     model: str
     route: str
     n_seen: int
+    append_url: str = Field(description=APPEND_URL)
     prediction: PredictionOut | None = None
 
 
@@ -128,9 +136,11 @@ def parse_request(body: bytes, model: type[BaseModel]) -> Any:
         raise RequestError(422, "invalid request: " + "; ".join(problems) + more) from None
 
 
-def decode_context(req: ContextIn, max_vectors: int, required: bool = True) -> Context | None:
+def decode_context(req: ContextIn, max_vectors: int, required: bool = True,
+                   max_text_chars: int | None = None) -> Context | None:
     """The request's context, checked for everything that does not need the model: exactly one
-    form, shape, base64, finiteness, and at most max_vectors vectors (413 above)."""
+    form, shape, base64, finite values and norms, at most max_vectors vectors and, for texts, at
+    most max_text_chars characters in all (413 above either cap)."""
     given = [f for f in CONTEXT_FIELDS if getattr(req, f) is not None]
     if req.shape is not None and req.vectors_b64 is None:
         raise RequestError(422, "shape is only used with vectors_b64")
@@ -143,27 +153,29 @@ def decode_context(req: ContextIn, max_vectors: int, required: bool = True) -> C
     form = given[0]
     if form == "concept_ids":
         ids = req.concept_ids
-        _check_count(len(ids), max_vectors)
+        check_count(len(ids), max_vectors)
         return Context(None, ids, None, len(ids))
     if form == "texts":
         texts = req.texts
-        _check_count(len(texts), max_vectors)
+        check_texts(texts, max_vectors, max_text_chars)
         return Context(None, None, texts, len(texts))
     if form == "vectors":
         rows = req.vectors
-        _check_count(len(rows), max_vectors)
+        check_count(len(rows), max_vectors)
         widths = {len(r) for r in rows}
         if len(widths) > 1:
             raise RequestError(422, f"vectors rows have different lengths {sorted(widths)[:5]}")
         arr = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)  # (T, D)
     else:
         arr = _decode_b64(req.vectors_b64, req.shape, max_vectors)
-    if not np.isfinite(arr).all():
-        raise RequestError(422, "context contains NaN or Inf")
+    problem = vector_problem(arr)
+    if problem:
+        raise RequestError(422, problem)
     return Context(arr, None, None, len(arr))
 
 
-def _check_count(n: int, max_vectors: int) -> None:
+
+def check_count(n: int, max_vectors: int) -> None:
     if n == 0:
         raise RequestError(422, "context is empty: give at least one vector")
     if n > max_vectors:
@@ -172,11 +184,21 @@ def _check_count(n: int, max_vectors: int) -> None:
                                 "max_context_vectors)")
 
 
+def check_texts(texts: list[str], max_vectors: int, max_text_chars: int | None) -> None:
+    check_count(len(texts), max_vectors)
+    chars = sum(map(len, texts))
+    if max_text_chars is not None and chars > max_text_chars:
+        # Encoder time grows with the characters, not the count: one 1 MB text costs seconds.
+        raise RequestError(413, f"texts hold {chars} characters; this service encodes at most "
+                                f"{max_text_chars} per request (user_config max_text_chars); "
+                                "send fewer or shorter texts, or vectors")
+
+
 def _decode_b64(data: str, shape: list[int] | None, max_vectors: int) -> np.ndarray:
     if shape is None or len(shape) != 2 or min(shape) < 0:
         raise RequestError(422, f"vectors_b64 needs shape [T, D] with T, D >= 0, got {shape}")
     t, d = shape
-    _check_count(t, max_vectors)
+    check_count(t, max_vectors)
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

@@ -34,6 +34,7 @@ from lvm_ray.eval.predict import predict_windows
 from lvm_ray.model import build_model
 from lvm_ray.serve.config import RouterUserConfig
 from lvm_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from lvm_ray.train.loop import with_bank_width
 from lvm_ray.workflows.prepare import ensure_bank, prepare_windows
 
 MEAN, RIDGE, WHOLE = "context-mean (best m<=L)", "ridge (best m<=L)", "mean of all L"
@@ -127,13 +128,13 @@ def run_context_curve(cfg: Config, checkpoints: dict[str, str], split: str = "te
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if smoke and not checkpoints:
-        checkpoints = _smoke_checkpoints(cfg, out)
-        phase2 = phase2 or "gru_L4"
-    if not checkpoints:
+    if not checkpoints and not smoke:
         raise ValueError("give at least one --checkpoint NAME=PATH")
     lengths = sorted({int(L) for L in lengths if int(L) <= min_history})
     bank = ensure_bank(cfg)
+    if smoke and not checkpoints:
+        checkpoints = _smoke_checkpoints(with_bank_width(cfg, bank), out)
+        phase2 = phase2 or "gru_L4"
     device = resolve_device(cfg.train.device)
     models, trained = {}, {}
     for name, path in checkpoints.items():

@@ -1,0 +1,1 @@
+"""Generated gRPC code of lvm.proto (committed; see the header of lvm.proto)."""
