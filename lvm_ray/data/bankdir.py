@@ -137,23 +137,29 @@ def vectors_of(batch: pa.RecordBatch) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
 
 
-def stream_content_hash(path: str | Path) -> str:
-    """lvm_ray.data.bank.content_hash of the bank at `path`, read column by column, batch by
-    batch (one batch in memory at a time)."""
-    n, dim = n_rows(path), schema(path).field("vector").type.list_size
+def stream_content_hash(files: list[Path]) -> str:
+    """lvm_ray.data.bank.content_hash of the bank made of `files` (in concept order), read
+    column by column, batch by batch (one batch in memory at a time)."""
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    first_schema = pq.read_schema(files[0])
+    dim = first_schema.field("vector").type.list_size
+
+    def batches(column: str) -> Iterator[pa.RecordBatch]:
+        for f in files:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP, columns=[column])
+
     h = hashlib.sha256()
     h.update(f"{n}x{dim}".encode())
-    for b in iter_batches(path, ["vector"]):
+    for b in batches("vector"):
         h.update(np.ascontiguousarray(vectors_of(b), dtype="<f4").tobytes())
-    for b in iter_batches(path, ["position"]):
+    for b in batches("position"):
         h.update(np.ascontiguousarray(b.column(0).to_numpy(), dtype="<i4").tobytes())
-    names = set(schema(path).names)
     for column in ("doc_id", "split"):
-        if column not in names:  # a bank without splits hashes them as empty strings
+        if column not in first_schema.names:  # a bank without splits hashes them as ""
             h.update("\x1f".join([""] * n).encode())
             continue
         first = True
-        for b in iter_batches(path, [column]):
+        for b in batches(column):
             if b.num_rows == 0:
                 continue
             h.update(("" if first else "\x1f").encode())
@@ -208,7 +214,7 @@ class BankTexts:
             return [self[j] for j in range(*i.indices(self._n))]
         if isinstance(i, (list, np.ndarray)):
             return [self[int(j)] for j in i]
-        i = int(i)
+        i = int(i) + (self._n if int(i) < 0 else 0)
         if not 0 <= i < self._n:
             raise IndexError(f"row {i} outside the bank (0..{self._n - 1})")
         groups = self._index()
