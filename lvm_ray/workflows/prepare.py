@@ -11,14 +11,17 @@ from lvm_ray.console import say
 from lvm_ray.data.bank import BankError, ConceptBank, load_bank
 from lvm_ray.data.ingest import ingest
 from lvm_ray.data.windows import WindowSet, check_split_disjoint, check_windows, make_windows
-from lvm_ray.distributed.data import ingest_with_ray, read_bank_with_ray
+from lvm_ray.data.shards import ingest_sharded
+from lvm_ray.distributed.data import ingest_with_ray
 
 
-def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False) -> ConceptBank:
+def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False,
+                lean: bool = True) -> ConceptBank:
     """Load cfg.bank_path, ingesting the corpus first if needed (cached, resumable). With use_ray,
-    ingest embeds through Ray Data actors and the bank is read with ray.data.read_parquet.
-    A bank at bank_path built from other settings is refused, never replaced, unless
-    overwrite (ingest.reuse_existing)."""
+    ingest writes a sharded bank through Ray Data (lvm_ray.distributed.data), as does a local
+    ingest whose bank_path is a directory. A bank at bank_path built from other settings is
+    refused, never replaced, unless overwrite (ingest.reuse_existing). The bank comes back lean
+    (numeric arrays, texts read on demand: what training and evaluation need) unless lean=False."""
     bank_path = Path(cfg.bank_path)
     if cfg.corpus.source == "bank":
         # Someone else's bank: checked (finite unit vectors, splits, document order) before use.
@@ -28,11 +31,15 @@ def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False) -> 
         res = ingest_with_ray(cfg, bank_path, overwrite=overwrite)
         say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
             f"({'reused' if res.reused else 'built'} with Ray Data)")
+    elif bank_path.is_dir() and cfg.corpus.source != "synthetic":
+        res = ingest_sharded(cfg.corpus, cfg.encoder, cfg.split, bank_path, overwrite=overwrite)
+        say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
+            f"({'reused' if res.reused else 'built'}, sharded)")
     else:
         res = ingest(cfg.corpus, cfg.encoder, cfg.split, bank_path, overwrite=overwrite)
         say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
             f"({'reused' if res.reused else 'built'})")
-    bank = read_bank_with_ray(bank_path) if use_ray else load_bank(bank_path)
+    bank = load_bank(bank_path, lean=lean)
     check_split_disjoint(bank)
     return bank
 
@@ -47,7 +54,7 @@ def read_bank(cfg: Config) -> ConceptBank:
     elif not path.exists():
         raise BankError(f"concept bank {path} not found; build it with `lvm ingest` or point to "
                         "another with --bank PATH")
-    bank = load_bank(path)
+    bank = load_bank(path, lean=True)
     check_split_disjoint(bank)
     return bank
 
