@@ -16,7 +16,8 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from lvm_ray.config import from_dict
+from lvm_ray.config import IndexConfig, from_dict
+from lvm_ray.data.index import build_index_files
 from lvm_ray.serve.config import AppArgs
 from lvm_ray.serve.models import DEPLOYMENT_NAMES, ModelServer, TextEncoder
 from lvm_ray.serve.router import Router
@@ -48,10 +49,14 @@ def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] 
         return {"name": name, **options.pop(name, {})}
 
     bank = path(a.bank)
+    if a.build_index and not is_uri(bank) and Path(bank).exists():
+        # Once, here, before any replica starts: replicas only memory-map the files. (A missing
+        # bank is the replicas' error to report; a config is still checked without one.)
+        build_index_files(bank, IndexConfig(factory=a.index))
     phase2 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
-        PHASE2, path(a.phase2_checkpoint), bank, a.device, a.allow_bank_mismatch)
+        PHASE2, path(a.phase2_checkpoint), bank, a.device, a.allow_bank_mismatch, a.index)
     phase3 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
-        PHASE3, path(a.phase3_checkpoint), bank, a.device, a.allow_bank_mismatch)
+        PHASE3, path(a.phase3_checkpoint), bank, a.device, a.allow_bank_mismatch, a.index)
     encoder = TextEncoder.options(**opts("TextEncoder")).bind(bank, a.encoder)
     app = Router.options(**opts("Router")).bind(phase2, phase3, encoder, key)
     if options:

@@ -29,6 +29,16 @@ class AppArgs:
     # A checkpoint is served only with the bank it was trained on (its recorded identity);
     # true serves the pair anyway, and /v1/models then lists the differences.
     allow_bank_mismatch: bool = False
+    # The kNN index the model deployments search: a FAISS index_factory string whose files
+    # `lvm index` wrote beside the bank (lvm_ray.data.index). Every replica memory-maps them, so
+    # replicas on a node share one copy. "Flat" is exact; "HNSW32" or "IVF4096,Flat" for millions.
+    index: str = "Flat"
+    # Build the index files (once, before any replica starts) when missing or built for another
+    # bank; false refuses to start instead (large indexes: build them with `lvm index` first).
+    build_index: bool = True
+
+    def __post_init__(self) -> None:
+        require(bool(self.index.strip()), "index must be a FAISS index_factory string")
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,15 @@ class ModelUserConfig:
     max_batch_size: int = 16  # 1 = no batching
     # 0 = no waiting: a batch is whatever queued while the previous one ran.
     batch_wait_timeout_s: float = 0.0
+    # Search parameters of the index (args.index), applied live; None keeps FAISS's default.
+    nprobe: int | None = None  # IVF indexes: inverted lists visited per query
+    ef_search: int | None = None  # HNSW indexes: candidate list size per query
 
     def __post_init__(self) -> None:
         require(1 <= self.max_batch_size <= 256, "max_batch_size must be in [1, 256]")
         require(0.0 <= self.batch_wait_timeout_s <= 1.0, "batch_wait_timeout_s must be in [0, 1]")
+        require(all(v is None or v >= 1 for v in (self.nprobe, self.ef_search)),
+                "nprobe and ef_search must be >= 1 (or null)")
 
 
 @dataclass(frozen=True)
