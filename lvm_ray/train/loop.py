@@ -154,6 +154,35 @@ def with_bank_width(cfg: Config, bank: ConceptBank) -> Config:
     return cfg
 
 
+def training_bank(bank: ConceptBank, tc: TrainConfig) -> ConceptBank:
+    """The bank with vectors in train.vector_dtype (as given when they already are: the Ray
+    workers' shared copy). A cast copy is lean and keeps the full bank's identity, which the
+    checkpoints record."""
+    if bank.vectors.dtype == np.dtype(tc.vector_dtype):
+        return bank
+    return bank.lean(tc.vector_dtype)
+
+
+class RowPool:
+    """Bank rows sampled as InfoNCE negatives, gathered per draw from the shared vectors rather
+    than copied per worker (on a GPU the rows are copied to it once: device memory is not the
+    node's). pool[c] -> (K, D) float32 on `device` for positions c into `rows`."""
+
+    def __init__(self, vectors: np.ndarray, rows: np.ndarray, device: torch.device | str):
+        self.vectors, self.rows, self.device = vectors, rows, torch.device(device)
+        self.on_device = (torch.from_numpy(vectors[rows].astype(np.float32)).to(self.device)
+                          if self.device.type == "cuda" else None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, c: torch.Tensor) -> torch.Tensor:
+        if self.on_device is not None:
+            return self.on_device[c.to(self.device)]
+        rows = self.rows[c.numpy()]
+        return torch.from_numpy(self.vectors[rows].astype(np.float32)).to(self.device)
+
+
 def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         rt: Runtime) -> dict[str, Any]:
     """Train with early stopping on the val selection metric; returns the final summary.
@@ -191,9 +220,10 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     model = rt.wrap_model(model)
     val_eval = val_ws.sample(tc.max_eval_windows, tc.seed)
     select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
+    bank = training_bank(bank, tc)
     vectors = bank.vectors
     # Bank negatives are drawn from the training split's rows, indexed like window positions.
-    negative_pool = (torch.from_numpy(vectors[train_ws.rows]).to(device)
+    negative_pool = (RowPool(vectors, train_ws.rows, device)
                      if cfg.loss.negatives == "bank" else None)
     summary: dict[str, Any] = {}
 
