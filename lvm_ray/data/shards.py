@@ -336,3 +336,60 @@ def log_plan(plan: ShardedPlan) -> None:
              sum(s.rows for s in todo))
     for s in plan.skipped:
         log.warning("skipped %s: %s", s.where, s.reason)
+
+
+def dry_run(corpus: CorpusConfig, encoder: EncoderConfig, split: SplitConfig,
+            out_path: str | Path, sharded: bool, encoders: int = 1,
+            sample: int = 256) -> dict[str, Any]:
+    """What an ingest would do, without writing anything: documents and chunks, how many are
+    already encoded (cache or shards), and the encoding time estimated from `sample` chunks
+    encoded here (after the encoder loaded) spread over `encoders` parallel encoders."""
+    import time
+
+    from lvm_ray.data.encoders import get_encoder
+    from lvm_ray.data.ingest import plan_ingest
+
+    conflict = None
+    if sharded:
+        parts = partitions(corpus, corpus.docs_per_shard)
+        try:
+            plan = plan_shards(corpus, encoder, split, out_path, survey_corpus(
+                corpus, parts, lambda ps: [survey(corpus, encoder, p) for p in ps]))
+        except BankConflict as e:
+            conflict = str(e)
+            plan = plan_shards(corpus, encoder, split, out_path, survey_corpus(
+                corpus, parts, lambda ps: [survey(corpus, encoder, p) for p in ps]),
+                overwrite=True)
+        n_docs, n_chunks = plan.n_docs, plan.n_concepts
+        todo = sum(s.rows for s in plan.todo)
+        texts: list[str] = []
+        for s in plan.todo[:1]:
+            items = read_partition(corpus, s.partition)
+            texts = [c for i in s.picks for c in chunks_of(items[i].text, corpus)][:sample]
+    else:
+        try:
+            p = plan_ingest(corpus, encoder, split, out_path)
+        except BankConflict as e:
+            conflict = str(e)
+            p = plan_ingest(corpus, encoder, split, out_path, overwrite=True)
+        n_docs, n_chunks = len(p.docs), sum(len(d.chunks) for d in p.docs)
+        todo = sum(len(d.chunks) for d in p.todo)
+        texts = [c for d in p.todo for c in d.chunks][:sample]
+    out: dict[str, Any] = {"bank": str(out_path), "documents": n_docs, "chunks": n_chunks,
+                           "chunks_to_encode": todo, "chunks_already_encoded": n_chunks - todo,
+                           "encoder": encoder_name(encoder), "encoders": encoders}
+    if conflict:
+        out["refused"] = conflict
+    if texts:
+        t = time.perf_counter()
+        enc = get_encoder(encoder)
+        out["encoder_load_s"] = round(time.perf_counter() - t, 2)
+        enc.encode(texts[:8], batch_size=encoder.batch_size)  # warm-up
+        t = time.perf_counter()
+        enc.encode(texts, batch_size=encoder.batch_size)
+        rate = len(texts) / max(time.perf_counter() - t, 1e-9)
+        out["chunks_per_s_per_encoder"] = round(rate, 1)
+        out["estimated_encode_s"] = round(todo / (rate * max(1, encoders)), 1)
+    else:
+        out["estimated_encode_s"] = 0.0
+    return out

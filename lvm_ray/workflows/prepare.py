@@ -11,7 +11,7 @@ from lvm_ray.console import say
 from lvm_ray.data.bank import BankError, ConceptBank, load_bank
 from lvm_ray.data.ingest import ingest
 from lvm_ray.data.windows import WindowSet, check_split_disjoint, check_windows, make_windows
-from lvm_ray.data.shards import ingest_sharded
+from lvm_ray.data.shards import dry_run, ingest_sharded
 from lvm_ray.distributed.data import ingest_with_ray
 
 
@@ -42,6 +42,25 @@ def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False,
     bank = load_bank(bank_path, lean=lean)
     check_split_disjoint(bank)
     return bank
+
+
+def ingest_dry_run(cfg: Config, use_ray: bool = False) -> dict:
+    """`lvm ingest --dry-run`: what the ingest would encode and about how long it would take
+    (encoders: the CPUs Ray would use, up to 8, with --ray; one otherwise). Writes nothing."""
+    import os
+
+    sharded = use_ray or Path(cfg.bank_path).is_dir()
+    encoders = max(1, min(os.cpu_count() or 1, 8)) if use_ray else 1
+    out = dry_run(cfg.corpus, cfg.encoder, cfg.split, cfg.bank_path, sharded, encoders)
+    out["summary"] = (
+        f"ingest {cfg.bank_path}: {out['documents']} documents, {out['chunks']} chunks; "
+        f"{out['chunks_to_encode']} to encode with {out['encoder']} "
+        f"({out['chunks_already_encoded']} already encoded): about "
+        f"{out['estimated_encode_s']:.0f} s on {encoders} encoder(s)"
+        + (f" (measured {out['chunks_per_s_per_encoder']} chunks/s each, plus "
+           f"{out['encoder_load_s']} s to load the encoder)" if "encoder_load_s" in out else "")
+        + (f". It would be refused: {out['refused']}" if "refused" in out else ""))
+    return out
 
 
 def read_bank(cfg: Config) -> ConceptBank:
