@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast bench reliability clean-runs
+.PHONY: venv demo test test-fast bench bench-scale reliability clean-runs
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# Time and memory of every stage at 10k, 100k, 1M (384-d) and 640k (768-d) concepts; sizes that
+# do not fit in the free memory are skipped with a message. About an hour on 2 cores.
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py
 
 reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py

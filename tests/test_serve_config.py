@@ -111,7 +111,7 @@ def test_hybrid_defaults_point_at_the_demo():
     args = load(ROOT / "serve_configs" / "hybrid.yaml")["applications"][0]["args"]
     assert args == {"phase2_checkpoint": "runs/demo/phase2/best",
                     "phase3_checkpoint": "runs/demo/phase3/best",
-                    "bank": "data/sotu_demo_bank.parquet"}
+                    "bank": "data/sotu_demo_bank.parquet", "index": "Flat"}
     assert AppArgs() == from_dict(AppArgs, args)
 
 
