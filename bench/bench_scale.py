@@ -209,7 +209,9 @@ def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool) -> dict:
     from lvm_ray.config import load_config
 
     vec_gb = n * d * 4 / GB
-    need = 7 * vec_gb + 4.0  # shards + object store + mapped index files + replicas, with margin
+    # Peak: the object store's copy plus a transient second one while it is put, or an index
+    # being built beside the mapped flat one; plus Ray, 4 replicas and the driver (~3 GB).
+    need = 4 * vec_gb + 3.0
     avail = mem_available() / GB
     if avail < need:
         print(f"[scale] {label}: SKIPPED, needs about {need:.1f} GB free, "
@@ -220,37 +222,12 @@ def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool) -> dict:
     row = {"label": label, "n": n, "d": d, "vec_gb": vec_gb, "mem_available_gb": avail,
            "load": os.getloadavg()[0]}
     try:
-        print(f"[scale] {label}: ingest", flush=True)
-        row["ingest"], bank_path = stage_ingest(work, n, d)
-        cfg = load_config(overrides={
-            "window": {"context": 100, "min_context": 2},
-            "model": {"hidden": 128, "layers": 1, "slots": 16, "d_in": d},
-            "loss": {"negatives": "bank", "bank_negatives": 1024},
-            "train": {"batch_size": 256, "micro_batch": 64, "max_epochs": 1,
-                      "max_train_windows": TRAIN_WINDOWS, "max_eval_windows": 256},
-            "eval": {"bootstrap": 100, "lanes": 0},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 1.0},
-            "run": {"storage_path": str(work / "runs"), "name": "scale"}})
-        print(f"[scale] {label}: windows", flush=True)
-        row["windows"], bank, ws = stage_windows(bank_path, cfg)
-        print(f"[scale] {label}: train", flush=True)
-        row["train"], ckpt, shared = stage_train(cfg, bank, ws, work)
-        bank = shared[1]
-        print(f"[scale] {label}: evaluate", flush=True)
-        row["eval"], test_pred, val_pred = stage_eval(cfg, bank, ws, ckpt)
-        rng = np.random.default_rng(0)
-        starts = ws.test.rows[ws.test.start[rng.integers(0, len(ws.test), QUERIES + 20)]]
-        contexts = [list(range(int(s), int(s) + 100)) for s in starts]
-        contexts = [[min(i, n - 1) for i in c] for c in contexts]
-        del bank, ws, shared
-        gc.collect()
-        print(f"[scale] {label}: index", flush=True)
-        row["index"] = stage_index(bank_path, ann, test_pred, val_pred)
-        if not skip_serve:
-            for index, user in (("Flat", {}),
-                                (ann, {row["index"]["param"]: row["index"]["param_value"]})):
-                print(f"[scale] {label}: serve {index}", flush=True)
-                row[f"serve_{index}"] = stage_serve(bank_path, ckpt, index, user, contexts)
+        _run_stages(row, work, label, n, d, ann, skip_serve)
+    except Exception as e:  # noqa: BLE001  a failed size is reported, the next one still runs
+        import traceback
+
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
     row["load_end"] = os.getloadavg()[0]
@@ -258,8 +235,45 @@ def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool) -> dict:
     return row
 
 
+def _run_stages(row: dict, work: Path, label: str, n: int, d: int, ann: str,
+                skip_serve: bool) -> None:
+    from lvm_ray.config import load_config
+
+    print(f"[scale] {label}: ingest", flush=True)
+    row["ingest"], bank_path = stage_ingest(work, n, d)
+    cfg = load_config(overrides={
+        "window": {"context": 100, "min_context": 2},
+        "model": {"hidden": 128, "layers": 1, "slots": 16, "d_in": d},
+        "loss": {"negatives": "bank", "bank_negatives": 1024},
+        "train": {"batch_size": 256, "micro_batch": 64, "max_epochs": 1,
+                  "max_train_windows": TRAIN_WINDOWS, "max_eval_windows": 256},
+        "eval": {"bootstrap": 100, "lanes": 0},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1.0},
+        "run": {"storage_path": str(work / "runs"), "name": "scale"}})
+    print(f"[scale] {label}: windows", flush=True)
+    row["windows"], bank, ws = stage_windows(bank_path, cfg)
+    print(f"[scale] {label}: train", flush=True)
+    row["train"], ckpt, shared = stage_train(cfg, bank, ws, work)
+    bank = shared[1]
+    print(f"[scale] {label}: evaluate", flush=True)
+    row["eval"], test_pred, val_pred = stage_eval(cfg, bank, ws, ckpt)
+    rng = np.random.default_rng(0)
+    starts = ws.test.rows[ws.test.start[rng.integers(0, len(ws.test), QUERIES + 20)]]
+    contexts = [list(range(int(s), int(s) + 100)) for s in starts]
+    contexts = [[min(i, n - 1) for i in c] for c in contexts]
+    del bank, ws, shared
+    gc.collect()
+    print(f"[scale] {label}: index", flush=True)
+    row["index"] = stage_index(bank_path, ann, test_pred, val_pred)
+    if not skip_serve:
+        for index, user in (("Flat", {}),
+                            (ann, {row["index"]["param"]: row["index"]["param_value"]})):
+            print(f"[scale] {label}: serve {index}", flush=True)
+            row[f"serve_{index}"] = stage_serve(bank_path, ckpt, index, user, contexts)
+
+
 def verdicts(rows: list[dict], ann: str) -> list[str]:
-    done = [r for r in rows if "skipped" not in r]
+    done = [r for r in rows if "skipped" not in r and "error" not in r]
     if len(done) < 2:
         return ["(fewer than two sizes measured: no growth to judge)"]
     base, out = done[0], []
@@ -297,7 +311,7 @@ def plot(rows: list[dict], ann: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if "skipped" not in r and r["d"] == 384]
+    done = [r for r in rows if "skipped" not in r and "error" not in r and r["d"] == 384]
     if not done:
         return
     n = [r["n"] for r in done]
@@ -326,6 +340,22 @@ def plot(rows: list[dict], ann: str) -> None:
     fig.savefig(PLOT, dpi=80)
 
 
+def row_cells(r: dict, i: dict, sf: dict, sa: dict, lat, ann: str) -> list[str]:
+    """One size's table row (KeyError when a stage did not run)."""
+    return [
+        f"{r['label']} ({r['vec_gb']:.2f} GB vectors)",
+        f"{r['ingest']['s']:.0f} ({r['ingest']['pss_gb']:.1f})",
+        f"{r['windows']['load_s']:.1f}+{r['windows']['windows_s']:.1f} "
+        f"({r['windows']['pss_gb']:.1f})",
+        f"{r['train']['step_ms']:.0f} ({r['train']['epoch_s']:.0f}, "
+        f"{r['train']['pss_gb']:.1f})",
+        f"{r['eval']['s']:.1f} ({r['eval']['pss_gb']:.1f})",
+        f"{i[f'build_{ann}']['s']:.0f}", f"{i['recall@10']:.3f} ({i['param']}="
+        f"{i['param_value']})", f"{sa.get('startup_s', 0):.0f}" if sa else "-",
+        lat(sf, "handle"), lat(sa, "handle"), lat(sa, "http"),
+        f"{sf.get('pss_gb', 0):.1f} / {sa.get('pss_gb', 0):.1f}" if sa else "-"]
+
+
 def report(rows: list[dict], ann: str, command: str) -> None:
     headers = ["size", "ingest s (GB)", "load+windows s (GB)", "train ms/step (epoch s, GB)",
                "exact eval s (GB)", f"{ann} build s", "recall@10", "serve start s",
@@ -337,23 +367,16 @@ def report(rows: list[dict], ann: str, command: str) -> None:
             table.append([f"{r['label']} ({r['d']}-d)", f"skipped: {r['skipped']}"]
                          + [""] * (len(headers) - 2))
             continue
-        i, sf, sa = r["index"], r.get("serve_Flat", {}), r.get(f"serve_{ann}", {})
+        i, sf, sa = r.get("index", {}), r.get("serve_Flat", {}), r.get(f"serve_{ann}", {})
 
         def lat(s: dict, k: str) -> str:
             return f"{s[k + '_p50_ms']:.1f} / {s[k + '_p95_ms']:.1f}" if s else "-"
 
-        table.append([
-            f"{r['label']} ({r['vec_gb']:.2f} GB vectors)",
-            f"{r['ingest']['s']:.0f} ({r['ingest']['pss_gb']:.1f})",
-            f"{r['windows']['load_s']:.1f}+{r['windows']['windows_s']:.1f} "
-            f"({r['windows']['pss_gb']:.1f})",
-            f"{r['train']['step_ms']:.0f} ({r['train']['epoch_s']:.0f}, "
-            f"{r['train']['pss_gb']:.1f})",
-            f"{r['eval']['s']:.1f} ({r['eval']['pss_gb']:.1f})",
-            f"{i[f'build_{ann}']['s']:.0f}", f"{i['recall@10']:.3f} ({i['param']}="
-            f"{i['param_value']})", f"{sa.get('startup_s', 0):.0f}" if sa else "-",
-            lat(sf, "handle"), lat(sa, "handle"), lat(sa, "http"),
-            f"{sf.get('pss_gb', 0):.1f} / {sa.get('pss_gb', 0):.1f}" if sa else "-"])
+        try:
+            table.append(row_cells(r, i, sf, sa, lat, ann))
+        except KeyError:  # a size that failed part-way: what it measured, then the error
+            table.append([f"{r['label']}", f"failed: {r.get('error')}"]
+                         + [""] * (len(headers) - 2))
     roles = []
     for r in rows:
         for stage in ("train", f"serve_{ann}"):
