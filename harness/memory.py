@@ -58,7 +58,8 @@ def role(pid: int, root: int) -> str:
     if pid == root:
         return "driver"
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "other"
     for key, name in ROLES:
