@@ -385,12 +385,12 @@ def report(rows: list[dict], ann: str, command: str) -> None:
                 roles.append(f"- {r['label']} {stage}: {parts}")
     loads = ", ".join(f"{r['label']} {r['load']:.1f}->{r['load_end']:.1f} "
                       f"({r['mem_available_gb']:.1f} GB free)" for r in rows if "load" in r)
-    body = f"""Every stage at several bank sizes (synthetic corpora ingested with the hashing encoder;
-one Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of
-{EVAL_WINDOWS} test windows; serving with 2 replicas of each model deployment, batch-1 predict with a 100-concept
-context, {QUERIES} requests). Memory: peak PSS (GB) of all processes of the run, the node's
-real use (shared pages counted once). Load average (1 min) at the start -> end of each size and
-free memory: {loads}.
+    body = f"""Every stage at several bank sizes (synthetic corpora ingested with the hashing
+encoder; one Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of
+{EVAL_WINDOWS} test windows; serving with 2 replicas of each model deployment, batch-1 predict
+with a 100-concept context, {QUERIES} requests). Memory: peak PSS (GB) of all processes of the
+run, the node's real use (shared pages counted once). Load average (1 min) at the start -> end
+of each size, and free memory: {loads}.
 
 {markdown_table(headers, table)}
 
