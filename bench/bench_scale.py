@@ -351,14 +351,14 @@ def row_cells(r: dict, i: dict, sf: dict, sa: dict, lat, ann: str) -> list[str]:
         f"{r['eval']['s']:.1f} ({r['eval']['pss_gb']:.1f})",
         f"{i[f'build_{ann}']['s']:.0f}", f"{i['recall@10']:.3f} ({i['param']}="
         f"{i['param_value']})", f"{sa.get('startup_s', 0):.0f}" if sa else "-",
-        lat(sf, "handle"), lat(sa, "handle"), lat(sa, "http"),
+        lat(sf, "handle"), lat(sf, "http"), lat(sa, "handle"), lat(sa, "http"),
         f"{sf.get('pss_gb', 0):.1f} / {sa.get('pss_gb', 0):.1f}" if sa else "-"]
 
 
 def report(rows: list[dict], ann: str, command: str) -> None:
     headers = ["size", "ingest s (GB)", "load+windows s (GB)", "train ms/step (epoch s, GB)",
                "exact eval s (GB)", f"{ann} build s", "recall@10", "serve start s",
-               "P50/P95 handle Flat", f"P50/P95 handle {ann}", f"P50/P95 HTTP {ann}",
+               "P50/P95 ms handle Flat", "HTTP Flat", f"handle {ann}", f"HTTP {ann}",
                f"serve GB Flat / {ann}"]
     table = []
     for r in rows:
