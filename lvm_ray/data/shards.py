@@ -295,8 +295,7 @@ def survey_corpus(corpus: CorpusConfig, parts: list[Partition],
     ids: set[str] = set()
     i = 0
     while i < len(parts) and len(ids) < corpus.max_docs:
-        per_part = max(1, parts[0].stop - parts[0].start)
-        n = max(1, -(-(corpus.max_docs - len(ids)) // per_part))
+        n = max(1, -(-(corpus.max_docs - len(ids)) // corpus.docs_per_shard))
         out += survey_many(parts[i : i + n])
         ids = {d[1] for sv in out for d in sv.docs}
         i += n
