@@ -3,6 +3,7 @@ and files built for another bank are refused or rebuilt, never used."""
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -35,7 +36,10 @@ def test_ann_index_returns_the_exact_top1(tmp_path, bank, factory, params):
     save_bank(bank, tmp_path / "bank.parquet")
     build_index_files(tmp_path / "bank.parquet", IndexConfig(factory=factory, train_size=4000))
     r = Retrieval.open(tmp_path / "bank.parquet", factory)
-    r.set_search_params(**params)
+    r.set_search_params(**params)  # what a model deployment's reconfigure does, live
+    live = faiss.downcast_index(r.index)
+    assert (live.hnsw.efSearch if "ef_search" in params else live.nprobe) == \
+        next(iter(params.values()))
     q = _queries(bank)
     _, approx = r.search(q, 10)
     exact = np.argsort(-(q @ bank.vectors.T), axis=1)[:, :10]
