@@ -285,16 +285,32 @@ class _BankColumns:
 
 
 class _MappedColumns:
+    """Rows of the memory-mapped lookup file by concept id. Each record batch is addressed on its
+    own (numpy views of the vector chunks, O(1) scalar reads of the text chunks): a ChunkedArray
+    `take` would concatenate the whole column first, O(N) per request."""
+
     def __init__(self, table: pa.Table):
         self.table = table
+        chunks = {c: table.column(c).chunks for c in ("text", "doc_id", "position", "vector")}
+        self.starts = np.cumsum([0] + [len(c) for c in chunks["text"]])  # first row of each
+        self.text, self.doc, self.pos = chunks["text"], chunks["doc_id"], chunks["position"]
+        dim = table.schema.field("vector").type.list_size
+        self.vecs = [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim)
+                     for c in chunks["vector"]]  # (rows, D) views of the mapped file
+
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = np.searchsorted(self.starts, ids, side="right") - 1
+        return k, ids - self.starts[k]
 
     def rows(self, ids: np.ndarray) -> list[tuple[str, str, int]]:
-        t = self.table.select(["text", "doc_id", "position"]).take(pa.array(ids))
-        return list(zip(*(t.column(c).to_pylist() for c in ("text", "doc_id", "position"))))
+        return [(self.text[k][j].as_py(), self.doc[k][j].as_py(), int(self.pos[k][j].as_py()))
+                for k, j in zip(*self._locate(ids))]
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        col = self.table.column("vector").take(pa.array(ids)).combine_chunks()
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1)
+        out = np.empty((len(ids), self.vecs[0].shape[1] if self.vecs else 0), dtype=np.float32)
+        for i, (k, j) in enumerate(zip(*self._locate(ids))):
+            out[i] = self.vecs[k][j]
+        return out
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
