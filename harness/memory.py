@@ -76,6 +76,7 @@ class Sampler:
         self.root, self.period = root or os.getpid(), period
         self.peak_pss = self.peak_rss = 0
         self.roles_at_peak: dict[str, tuple[int, int]] = {}  # role -> (count, pss)
+        self.totals: list[int] = []  # total PSS of every sample (median: the steady state)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -92,6 +93,7 @@ class Sampler:
             n, p = roles.get(r, (0, 0))
             roles[r] = (n + 1, p + u[1])
         self.peak_rss = max(self.peak_rss, total_rss)
+        self.totals.append(total_pss)
         if total_pss > self.peak_pss:
             self.peak_pss, self.roles_at_peak = total_pss, roles
 

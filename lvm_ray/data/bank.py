@@ -280,7 +280,9 @@ def load_bank(path: str | Path, lean: bool = False) -> ConceptBank:
         n = bankdir.n_rows(path)
         columns = [c for c in schema.names if c in COLUMN_TYPES and not (lean and c == "text")]
         batches = bankdir.iter_batches(path, columns)
-        return _assemble(batches, schema, n, meta, lean, BankTexts(path) if lean else None)
+        bank = _assemble(batches, schema, n, meta, lean, BankTexts(path) if lean else None)
+        bankdir.release_arrow_memory()
+        return bank
     except (pa.ArrowInvalid, OSError) as e:
         raise BankError(f"{path}: not a readable Parquet concept bank: {e}") from e
     except BankError as e:

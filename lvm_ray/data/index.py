@@ -158,6 +158,7 @@ def build_index_files(bank_path: str | Path, cfg: IndexConfig = IndexConfig(),
             "build_s": time.perf_counter() - t}, indent=1).encode())
         report["index_s"] = time.perf_counter() - t
     report["built"] = "lookup_s" in report or "index_s" in report
+    bankdir.release_arrow_memory()
     return report
 
 

@@ -245,6 +245,8 @@ def write_shard(corpus: CorpusConfig, s: ShardPlan, meta: dict[str, Any], out_di
                          "first_concept": s.first_concept})
     table = table.replace_schema_metadata({META_KEY: json.dumps(footer).encode()})
     bankdir.write_parquet_atomic(table, Path(out_dir) / s.file)
+    del table
+    bankdir.release_arrow_memory()  # a long-lived encoder actor writes many shards
     return {"index": s.index, "rows": s.rows, "dim": dim}
 
 
