@@ -233,6 +233,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         t0 = time.perf_counter()
         model.train()
         idx = rt.epoch_indices(epoch)
+        t_steps = time.perf_counter()  # the steps alone: reading the window ids is O(windows)
         all_steps = tc.objective == "all_steps"
         micro = (to_batch(vectors, train_ws, idx[i : i + tc.micro_batch], device, all_steps,
                           tc.step_targets)
@@ -247,6 +248,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
             if rt.log_every and n_steps % rt.log_every == 0 and coll.rank == 0:
                 log.info("epoch %d step %d/%d loss %.4f", epoch, n_steps, spe, s["loss"])
         train_time = time.perf_counter() - t0
+        step_time = (time.perf_counter() - t_steps) / max(1, n_steps)
         train_stats = coll.all_reduce_mean({k: v / max(1, n_steps) for k, v in totals.items()})
         val = evaluate_model(model, bank, val_eval, cfg, coll, device, bootstrap=0)
         improved = stopper.update(float(val[select]), epoch)
@@ -257,6 +259,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
             **{f"val_{k}": v for k, v in val.items()},
             "train_windows": int(len(idx)) * coll.world_size,
             "train_seconds": train_time,
+            "step_seconds": step_time,
             "windows_per_s": len(idx) * coll.world_size / max(train_time, 1e-9),
             "best_epoch": stopper.best_epoch,
             f"best_val_{select}": stopper.best,
