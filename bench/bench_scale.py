@@ -283,16 +283,22 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
     if len(done) < 2:
         return ["(fewer than two sizes measured: no growth to judge)"]
     base, out = done[0], []
-    for stage in ("train", f"serve_{ann}", "serve_Flat"):
-        if stage not in base:
-            continue
+    checks = [("train", "median_pss_gb", "all processes, median over the stage"),
+              ("train", "pss_gb", "all processes, peak (the bank is briefly in the driver and "
+                                  "the object store at once while it is shared)"),
+              ("serve_Flat", "serving_pss_gb", "replicas, proxy, controller, raylet"),
+              (f"serve_{ann}", "serving_pss_gb", "replicas, proxy, controller, raylet")]
+    for stage, key, what in checks:
+        # Judged where the vectors dominate (>= 1 GB): below that, the ~0.1 GB swings of the
+        # fixed per-process memory (Ray's idle workers, allocator pools) swamp the ratio.
         for r in done[1:]:
-            if stage not in r:
+            if stage not in r or stage not in base or r["vec_gb"] < 1.0:
                 continue
-            extra = (r[stage]["pss_gb"] - base[stage]["pss_gb"]) / max(
-                r["vec_gb"] - base["vec_gb"], 1e-9)
-            out.append(f"memory, {stage} at {r['label']}: node PSS grew {extra:.2f}x the added "
-                       f"vector bytes over {base['label']} (goal <= 1.5x): "
+            if key not in r[stage] or key not in base[stage]:
+                continue
+            extra = (r[stage][key] - base[stage][key]) / max(r["vec_gb"] - base["vec_gb"], 1e-9)
+            out.append(f"memory, {stage} at {r['label']} ({what}): PSS grew {extra:.2f}x the "
+                       f"added vector bytes over {base['label']} (goal <= 1.5x): "
                        f"{'met' if extra <= 1.5 else 'NOT met'}")
     steps = [r["train"]["step_ms"] for r in done]
     spread = max(steps) / min(steps)
@@ -302,11 +308,17 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
                f"{'met' if spread <= 1.5 else 'NOT met'}")
     big = [r for r in done if r["n"] >= 10**6 and f"serve_{ann}" in r]
     for r in big:
-        ratio = r[f"serve_{ann}"]["handle_p95_ms"] / r["serve_Flat"]["handle_p95_ms"]
         rec = r["index"]["recall@10"]
-        out.append(f"serving at {r['label']}: {ann} handle P95 = {ratio:.2f}x Flat's (goal <= "
-                   f"0.2), recall@10 {rec:.3f} (goal >= 0.95): "
-                   f"{'met' if ratio <= 0.2 and rec >= 0.95 else 'NOT met'}")
+        i = r["index"]
+        for how in ("handle", "http"):
+            ratio = r[f"serve_{ann}"][f"{how}_p95_ms"] / r["serve_Flat"][f"{how}_p95_ms"]
+            out.append(f"serving at {r['label']} ({how}): {ann} predict P95 = {ratio:.2f}x "
+                       f"Flat's (goal <= 0.2), recall@10 {rec:.3f} (goal >= 0.95): "
+                       f"{'met' if ratio <= 0.2 and rec >= 0.95 else 'NOT met'}")
+        ratio = i[f"search_p95_ms_{ann}"] / i["search_p95_ms_Flat"]
+        out.append(f"search alone at {r['label']}: {ann} P95 = {ratio:.3f}x Flat's: "
+                   f"{'met' if ratio <= 0.2 and rec >= 0.95 else 'NOT met'} (the rest of a "
+                   "predict, the model's forward pass and Serve's hops, is the same for both)")
     if not big:
         out.append("serving at 1M concepts: not measured (size skipped or --skip-serve)")
     return out
