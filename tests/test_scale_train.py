@@ -48,3 +48,20 @@ def test_shared_bank_is_lean_and_the_driver_keeps_no_second_copy(ray_session, sy
     np.testing.assert_array_equal(driver.vectors, synthetic_bank.vectors)
     ref16, driver16 = share_bank(full, "float16")
     assert ray.get(ref16).vectors.dtype == np.float16 and driver16.vectors.dtype == np.float32
+
+
+def test_training_on_float16_vectors_runs_and_records_the_banks_identity(tmp_path,
+                                                                         synthetic_bank):
+    from lvm_ray.config import load_config
+    from lvm_ray.train.checkpoint import load_checkpoint
+    from lvm_ray.train.loop import fit_local, with_bank_width
+    from lvm_ray.workflows.prepare import prepare_windows
+
+    cfg = with_bank_width(load_config(presets=["smoke"], overrides={
+        "train": {"vector_dtype": "float16", "max_epochs": 1},
+        "loss": {"negatives": "bank", "bank_negatives": 64}}), synthetic_bank)
+    ws = prepare_windows(cfg, synthetic_bank)
+    res = fit_local(cfg, synthetic_bank, ws.train, ws.val, tmp_path)
+    assert np.isfinite(res["history"][0]["train_loss"]) and res["history"][0]["step_seconds"] > 0
+    ck = load_checkpoint(res["best_checkpoint"])
+    assert ck.meta["data"] == synthetic_bank.identity()  # not the float16 copy's fingerprint
