@@ -111,11 +111,13 @@ def stage_windows(bank_path: Path, cfg):
     return {**mem_row(s), "windows_s": windows_s, "load_s": s.seconds - windows_s}, bank, ws
 
 
-def stage_train(cfg, bank, ws, work: Path) -> tuple[dict, str, object]:
+def stage_train(cfg, holder: list, ws, work: Path) -> tuple[dict, str, object]:
+    """holder: [the bank], handed over so that no caller keeps the driver's own copy alive
+    once share_bank has put it in the object store (as `lvm train` does not)."""
     from lvm_ray.distributed.trainer import share_bank, train_with_ray
 
     with Sampler() as s:
-        ref, bank = share_bank(bank, cfg.train.vector_dtype)
+        ref, bank = share_bank(holder.pop(), cfg.train.vector_dtype)
         run = train_with_ray(cfg, bank, ws.train, ws.val, bank_ref=ref)
     h = run.history[-1]
     steps = h["train_windows"] // cfg.train.batch_size
@@ -212,7 +214,8 @@ def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contex
                for q in (50, 95)}}
 
 
-def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool) -> dict:
+def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool,
+             only_train: bool = False) -> dict:
 
     vec_gb = n * d * 4 / GB
     # Peak: the object store's copy plus a transient second one while it is put, or an index
@@ -228,7 +231,7 @@ def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool) -> dict:
     row = {"label": label, "n": n, "d": d, "vec_gb": vec_gb, "mem_available_gb": avail,
            "load": os.getloadavg()[0]}
     try:
-        _run_stages(row, work, label, n, d, ann, skip_serve)
+        _run_stages(row, work, label, n, d, ann, skip_serve, only_train)
     except Exception as e:  # noqa: BLE001  a failed size is reported, the next one still runs
         import traceback
 
@@ -242,7 +245,7 @@ def run_size(label: str, n: int, d: int, ann: str, skip_serve: bool) -> dict:
 
 
 def _run_stages(row: dict, work: Path, label: str, n: int, d: int, ann: str,
-                skip_serve: bool) -> None:
+                skip_serve: bool, only_train: bool) -> None:
     from lvm_ray.config import load_config
 
     print(f"[scale] {label}: ingest", flush=True)
@@ -258,9 +261,13 @@ def _run_stages(row: dict, work: Path, label: str, n: int, d: int, ann: str,
         "run": {"storage_path": str(work / "runs"), "name": "scale"}})
     print(f"[scale] {label}: windows", flush=True)
     row["windows"], bank, ws = stage_windows(bank_path, cfg)
+    holder = [bank]
+    del bank
     print(f"[scale] {label}: train", flush=True)
-    row["train"], ckpt, shared = stage_train(cfg, bank, ws, work)
+    row["train"], ckpt, shared = stage_train(cfg, holder, ws, work)
     bank = shared[1]
+    if only_train:
+        return
     print(f"[scale] {label}: evaluate", flush=True)
     row["eval"], test_pred, val_pred = stage_eval(cfg, bank, ws, ckpt)
     rng = np.random.default_rng(0)
@@ -481,11 +488,44 @@ Difference float16 - float32: {diff:+.2f} points of bank-Hit@5 (goal: within 0.2
     shutil.rmtree(work, ignore_errors=True)
 
 
+def report_train(rows: list[dict], command: str) -> None:
+    """The training stage alone (section scale_train), with the memory goal at each size."""
+    done = [r for r in rows if "train" in r]
+    table = [[r["label"], f"{r['vec_gb']:.2f}", f"{r['train']['step_ms']:.0f}",
+              f"{r['train']['median_pss_gb']:.2f}", f"{r['train']['pss_gb']:.2f}",
+              ", ".join(f"{k} x{n}: {p:.2f}" for k, (n, p) in
+                        sorted(r["train"]["roles"].items(), key=lambda x: -x[1][1])),
+              f"{r['load']:.1f}->{r['load_end']:.1f}"] for r in done]
+    lines = []
+    if len(done) >= 2:
+        base = done[0]
+        for r in done[1:]:
+            for key in ("median_pss_gb", "pss_gb"):
+                extra = (r["train"][key] - base["train"][key]) / (r["vec_gb"] - base["vec_gb"])
+                lines.append(f"- {r['label']}, {key.split('_')[0]}: all processes grew "
+                             f"{extra:.2f}x the added vector bytes over {base['label']} (goal "
+                             f"<= 1.5x): {'met' if extra <= 1.5 else 'NOT met'}")
+    body = f"""One Ray Train epoch ({TRAIN_WINDOWS} windows, 2 workers) per size, the driver
+holding no
+copy of its own once the bank is shared (the way `lvm train` runs). PSS of all processes (GB),
+median and peak over the stage; the peak includes the seconds while the bank is in the driver and
+the object store at once.
+
+{markdown_table(["size", "vectors GB", "ms/step", "median GB", "peak GB", "peak by role",
+                 "load"], table)}
+
+{chr(10).join(lines)}
+"""
+    write_section("scale_train", "Scale: training memory", body, command)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10k,100k,1m,640kx768")
     ap.add_argument("--ann", default="HNSW32", help="FAISS index_factory string of the ANN index")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--only-train", action="store_true",
+                    help="ingest, windows and training only; writes the scale_train section")
     ap.add_argument("--fp16-check", action="store_true",
                     help="only compare float16 and float32 training vectors (test bank-Hit@5)")
     ap.add_argument("--bank", help="--fp16-check: an existing sotu demo bank to use")
@@ -509,11 +549,14 @@ def main() -> None:
     rows = []
     for s in args.sizes.split(","):
         n, d = parse_size(s)
-        rows.append(run_size(s, n, d, args.ann, args.skip_serve))
+        rows.append(run_size(s, n, d, args.ann, args.skip_serve, args.only_train))
     ray.shutdown()
+    command = "python bench/bench_scale.py " + " ".join(sys.argv[1:])
+    if args.only_train:
+        report_train(rows, command)
+        return
     plot(rows, args.ann)
-    report(rows, args.ann, "make bench-scale  # python bench/bench_scale.py " +
-           " ".join(sys.argv[1:]))
+    report(rows, args.ann, "make bench-scale  # " + command)
 
 
 if __name__ == "__main__":
