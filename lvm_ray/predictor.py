@@ -6,6 +6,9 @@ last `max_context` vectors (the context length the model was trained with). Incr
 models. A transformer session instead carries its last `max_context` vectors and recomputes over
 them: O(max_context) per append, and the answer equals a full-context predict at any length
 (BENCHMARKS.md, section transformer_append, measures it beside a KV-cache append).
+Nearest concepts come from a Retrieval (lvm_ray.data.index): the bank's memory-mapped index and
+columns when opened from paths (shared by every process on a node), or an in-memory index over a
+ConceptBank.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
-from lvm_ray.config import EncoderConfig
+from lvm_ray.config import EncoderConfig, IndexConfig
 from lvm_ray.data.bank import ConceptBank, check_identity, load_bank
 from lvm_ray.data.encoders import encoder_for_bank, get_encoder
+from lvm_ray.data.index import Retrieval
 from lvm_ray.device import resolve_device
 from lvm_ray.model import RecurrentState
 from lvm_ray.model.fused_step import FusedStep, StepPrecision
@@ -82,26 +85,24 @@ class Predictor:
     """A checkpoint paired with the bank it was trained on: a bank whose recorded identity
     differs (other vectors, documents or encoder) is refused unless allow_bank_mismatch."""
 
-    def __init__(self, ckpt: LoadedCheckpoint, bank: ConceptBank, device: str = "auto",
-                 max_context: int | None = None, allow_bank_mismatch: bool = False,
-                 bank_name: str = "(in memory)"):
-        if bank.dim != ckpt.model_config.d_in:
-            raise ValueError(f"bank is {bank.dim}-d but the checkpoint expects "
+    def __init__(self, ckpt: LoadedCheckpoint, bank: ConceptBank | Retrieval,
+                 device: str = "auto", max_context: int | None = None,
+                 allow_bank_mismatch: bool = False, bank_name: str = "(in memory)"):
+        # Exact inner-product search (cosine on unit vectors) for an in-memory bank.
+        self.retrieval = bank if isinstance(bank, Retrieval) else Retrieval.from_bank(bank)
+        if self.retrieval.dim != ckpt.model_config.d_in:
+            raise ValueError(f"bank is {self.retrieval.dim}-d but the checkpoint expects "
                              f"{ckpt.model_config.d_in}-d vectors")
-        self.bank_mismatch = check_identity(ckpt.meta.get("data"), bank, str(ckpt.path),
-                                            bank_name, allow_bank_mismatch)
+        self.bank_mismatch = check_identity(ckpt.meta.get("data"), self.retrieval,
+                                            str(ckpt.path), bank_name, allow_bank_mismatch)
         self.device = resolve_device(device)
         self.model = ckpt.model.to(self.device).eval()
         self.meta = ckpt.meta
         self.test_metrics = _read_json(ckpt.path / "test_metrics.json")
-        self.bank = bank
-        self.dim = bank.dim
+        self.dim = self.retrieval.dim
         trained_ctx = ckpt.meta.get("config", {}).get("window", {}).get("context")
         self.max_context = int(max_context or trained_ctx or 1000)
         self._encoder = None  # the bank's text encoder, loaded by encode() on first use
-        # Exact inner-product search: on unit vectors that is cosine similarity.
-        self.index = faiss.IndexFlatIP(self.dim)
-        self.index.add(bank.vectors)
         self.step: FusedStep | None = None  # set_append_step: the fused append path
 
     def set_append_step(self, precision: StepPrecision | None) -> str:
@@ -115,9 +116,15 @@ class Predictor:
 
     @classmethod
     def from_paths(cls, checkpoint: str | Path, bank: str | Path, device: str = "auto",
-                   max_context: int | None = None,
-                   allow_bank_mismatch: bool = False) -> "Predictor":
-        return cls(load_checkpoint(checkpoint), load_bank(bank), device, max_context,
+                   max_context: int | None = None, allow_bank_mismatch: bool = False,
+                   index: str = "Flat", build_index: bool = True,
+                   index_files: str | Path | None = None) -> "Predictor":
+        """The checkpoint with the bank's memory-mapped serving files (`index` is an
+        index_factory string; the files, in index_files or beside the bank, are built first
+        when missing or stale if build_index, else refused)."""
+        retrieval = Retrieval.open(bank, index, build=build_index,
+                                   cfg=IndexConfig(factory=index), files=index_files)
+        return cls(load_checkpoint(checkpoint), retrieval, device, max_context,
                    allow_bank_mismatch, str(bank))
 
     @property
@@ -141,7 +148,8 @@ class Predictor:
             "test_metrics": self.test_metrics,
             "data": self.meta.get("data"),
             "max_context": self.max_context,
-            "bank_size": len(self.bank),
+            "bank_size": len(self.retrieval),
+            "index": self.retrieval.factory,
             "bank_mismatch": self.bank_mismatch,  # non-empty only when explicitly allowed
         }
 
@@ -167,19 +175,20 @@ class Predictor:
         ids_arr = np.asarray(ids)
         if ids_arr.ndim != 1 or not np.issubdtype(ids_arr.dtype, np.integer):
             raise PredictorInputError("concept_ids must be a list of integers")
-        bad = ids_arr[(ids_arr < 0) | (ids_arr >= len(self.bank))]
+        n = len(self.retrieval)
+        bad = ids_arr[(ids_arr < 0) | (ids_arr >= n)]
         if len(bad):
             raise PredictorInputError(f"unknown concept id(s) {bad[:5].tolist()}; "
-                                      f"the bank has ids 0..{len(self.bank) - 1}")
-        return self.bank.vectors[ids_arr]
+                                      f"the bank has ids 0..{n - 1}")
+        return self.retrieval.vectors(ids_arr)
 
     # ------------------------------------------------------------------ inference
 
     def neighbors(self, preds: np.ndarray, k: int) -> list[list[Neighbor]]:
-        scores, ids = self.index.search(np.ascontiguousarray(preds, dtype=np.float32), k)
-        b = self.bank
-        return [[Neighbor(int(i), str(b.texts[i]), str(b.doc_ids[i]), int(b.positions[i]),
-                          float(s)) for s, i in zip(srow, irow) if i >= 0]
+        scores, ids = self.retrieval.search(preds, k)  # (B, k) each
+        found = ids[ids >= 0]
+        rows = dict(zip(found.tolist(), self.retrieval.rows(found)))  # one read per batch
+        return [[Neighbor(int(i), *rows[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0]
                 for srow, irow in zip(scores, ids)]
 
     @torch.no_grad()
@@ -206,10 +215,10 @@ class Predictor:
     def encode(self, texts: list[str]) -> np.ndarray:
         """Texts -> (T, D) vectors with the bank's own encoder (loaded on first use)."""
         if self._encoder is None:
-            name = encoder_for_bank(self.bank.meta.get("encoder"))
+            name = encoder_for_bank(self.retrieval.meta.get("encoder"))
             if name is None:
                 raise PredictorInputError(
-                    f"the bank's encoder {self.bank.meta.get('encoder')!r} is not one lvm_ray "
+                    f"the bank's encoder {self.retrieval.meta.get('encoder')!r} is not one lvm_ray "
                     "can rebuild here; encode the texts yourself and call predict(vectors)")
             self._encoder = get_encoder(EncoderConfig(name=name, device=str(self.device)))
         if isinstance(texts, str) or not texts:

@@ -97,11 +97,12 @@ def predictor():
 
     ck = LoadedCheckpoint(model=m, model_config=cfg, meta={"config": {"window": {"context": 64}}},
                           path=Path("/nonexistent"))
-    return Predictor(ck, bank, device="cpu")
+    return Predictor(ck, bank, device="cpu"), bank
 
 
 def test_predictor_appends_through_the_step_and_match_full_context(predictor):
-    ctx = predictor.bank.vectors[:20]
+    predictor, bank = predictor
+    ctx = bank.vectors[:20]
     assert predictor.set_append_step("fp32") == "fused-fp32"
     _, st = predictor.append(ctx[:12])  # 12 > FUSED_MAX_T: the eager sequence path
     assert 12 > FUSED_MAX_T

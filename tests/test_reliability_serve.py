@@ -134,7 +134,7 @@ def target(ray_session, assets):
     port = serve.context._get_global_client().http_config.port
     svc = Service(assets, port, import_path=PRODUCT_APP)  # the product app itself
     svc.deploy()
-    bank = assets["refs"]["phase2"].bank
+    bank = assets["bank_data"]
     t = ServeTarget(f"http://127.0.0.1:{port}", bank.dim, len(bank),
                     [str(x) for x in bank.texts[:200]],
                     Predictor.from_paths(assets["paths"]["phase2"], assets["bank"],

@@ -57,7 +57,7 @@ def test_health_models_status_and_docs(svc, assets):
     assert p2["deployment"] == "Phase2Model" and p3["deployment"] == "Phase3Model"
     assert p2["test_metrics"] == {"bank_hit@5": 0.0} and p3["test_metrics"] == {"bank_hit@5": 0.1}
     assert p2["fingerprint"] != p3["fingerprint"] and p2["dim"] == DIM
-    assert p2["bank_size"] == len(assets["refs"]["phase2"].bank)
+    assert p2["bank_size"] == len(assets["bank_data"])
     assert models["encoder"] == {"bank_encoder": "hashing-32", "encoder": "hashing-32",
                                  "backend": "torch", "text_input": True}
     status = ok(svc.http.get("/v1/status"))
@@ -78,7 +78,7 @@ def test_health_models_status_and_docs(svc, assets):
 
 
 def test_every_input_form_gives_the_reference_prediction(svc, assets):
-    ref, bank = assets["refs"]["phase2"], assets["refs"]["phase2"].bank
+    ref, bank = assets["refs"]["phase2"], assets["bank_data"]
     ids = list(range(40, 52))
     ctx = bank.vectors[ids]
     expected = ref.predict(ctx, k=4)
@@ -178,7 +178,7 @@ def append(svc, session: dict, **body) -> dict:
 
 
 def test_session_matches_full_context_with_every_input_form(svc, assets):
-    ref, bank = assets["refs"]["phase2"], assets["refs"]["phase2"].bank
+    ref, bank = assets["refs"]["phase2"], assets["bank_data"]
     ids = list(range(100, 112))
     s = ok(svc.http.post("/v1/sessions", json={"vectors": bank.vectors[ids[:5]].tolist(),
                                               "return_vector": True}))

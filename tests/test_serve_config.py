@@ -141,9 +141,9 @@ def test_hybrid_defaults_point_at_the_demo():
             ["applications"]}
     assert apps["lvm"] == {"bank": "data/sotu_demo_bank.parquet", "model_apps": "lvm-"}
     assert apps["lvm-phase2"] == {"model": "phase2", "checkpoint": "runs/demo/phase2/best",
-                                  "bank": "data/sotu_demo_bank.parquet"}
+                                  "bank": "data/sotu_demo_bank.parquet", "index": "Flat"}
     assert apps["lvm-phase3"] == {"model": "phase3", "checkpoint": "runs/demo/phase3/best",
-                                  "bank": "data/sotu_demo_bank.parquet"}
+                                  "bank": "data/sotu_demo_bank.parquet", "index": "Flat"}
     assert ModelAppArgs() == from_dict(ModelAppArgs, apps["lvm-phase2"])
 
 

@@ -1,12 +1,16 @@
 """Text -> sentences -> chunks (one chunk = one concept = one vector in the bank).
 
 Rule-based and deterministic on purpose: the same text always gives the same chunks, so the
-per-document embedding cache in ingest.py stays valid across runs and machines.
+per-document embedding cache in ingest.py stays valid across runs and machines. The sentence
+splitter is pluggable: the built-in regex rules (default), or `pysbd` / `blingfire` when installed
+(pip install lvm_ray[splitters]); the bank records which one made its chunks.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 
 # Abbreviations whose period never ends a sentence when a capitalised word or a digit follows
 # ("Mr. Lincoln", "St. Louis", "Jan. 5"). Lower-case, without the final period.
@@ -64,6 +68,45 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
+SPLITTERS = ("regex", "pysbd", "blingfire")
+
+
+@functools.lru_cache(maxsize=4)
+def sentence_splitter(name: str = "regex") -> Callable[[str], list[str]]:
+    """text -> sentences, by the named splitter. Every splitter's sentences are split again at
+    paragraph breaks and have their whitespace collapsed, so chunks look alike whichever made
+    them."""
+    if name == "regex":
+        return split_sentences
+    if name == "pysbd":
+        try:
+            import pysbd
+        except ImportError as e:
+            raise ValueError("corpus.splitter 'pysbd' needs the pysbd package: "
+                             "pip install lvm_ray[splitters]") from e
+        seg = pysbd.Segmenter(language="en", clean=False)
+        split = seg.segment
+    elif name == "blingfire":
+        try:
+            import blingfire
+        except ImportError as e:
+            raise ValueError("corpus.splitter 'blingfire' needs the blingfire package: "
+                             "pip install blingfire") from e
+
+        def split(text: str) -> list[str]:
+            return blingfire.text_to_sentences(text).split("\n")
+    else:
+        raise ValueError(f"unknown sentence splitter {name!r}; choose from {SPLITTERS}")
+
+    def sentences(text: str) -> list[str]:
+        out = []
+        for raw in _PARAGRAPH.split(text):
+            out += [s for s in (_SPACE.sub(" ", x).strip() for x in split(raw)) if s]
+        return out
+
+    return sentences
+
+
 def _split_long(chunk: str, max_chars: int) -> list[str]:
     """Greedy word packing into pieces <= max_chars; a single longer word is cut hard."""
     pieces: list[str] = []
@@ -89,14 +132,14 @@ def _split_long(chunk: str, max_chars: int) -> list[str]:
     return pieces
 
 
-def chunk_document(text: str, sentences_per_chunk: int = 1,
-                   max_chunk_chars: int = 400) -> list[str]:
-    """Consecutive groups of `sentences_per_chunk` sentences; any group longer than
-    `max_chunk_chars` is split at word boundaries. Sentences without a letter or digit
-    (separator lines such as "." or "* * *") carry no concept and are dropped."""
+def chunk_document(text: str, sentences_per_chunk: int = 1, max_chunk_chars: int = 400,
+                   splitter: str = "regex") -> list[str]:
+    """Consecutive groups of `sentences_per_chunk` sentences (as `splitter` finds them); any
+    group longer than `max_chunk_chars` is split at word boundaries. Sentences without a letter
+    or digit (separator lines such as "." or "* * *") carry no concept and are dropped."""
     if sentences_per_chunk < 1 or max_chunk_chars < 1:
         raise ValueError("sentences_per_chunk and max_chunk_chars must be >= 1")
-    sentences = [s for s in split_sentences(text) if _WORD.search(s)]
+    sentences = [s for s in sentence_splitter(splitter)(text) if _WORD.search(s)]
     chunks: list[str] = []
     for i in range(0, len(sentences), sentences_per_chunk):
         chunk = " ".join(sentences[i : i + sentences_per_chunk])

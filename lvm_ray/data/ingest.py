@@ -127,20 +127,48 @@ def _cache_valid(path: Path, n_rows: int) -> bool:
     return arr.dtype == np.float32 and arr.ndim == 2 and arr.shape[0] == n_rows
 
 
-def _doc_key(enc_key: str, corpus_cfg: CorpusConfig, chunks: list[str]) -> str:
-    blob = json.dumps([enc_key, corpus_cfg.sentences_per_chunk, corpus_cfg.max_chunk_chars,
-                       chunks], ensure_ascii=False)
+def doc_key(enc_key: str, corpus_cfg: CorpusConfig, chunks: list[str]) -> str:
+    """A document's cache key: encoder, chunking settings and its chunks (the splitter only
+    when it is not the default, so existing caches stay valid)."""
+    settings = [enc_key, corpus_cfg.sentences_per_chunk, corpus_cfg.max_chunk_chars]
+    if corpus_cfg.splitter != "regex":
+        settings.append(corpus_cfg.splitter)
+    blob = json.dumps(settings + [chunks], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _split_meta(split_cfg: SplitConfig) -> dict[str, Any]:
+def chunking_meta(cfg: CorpusConfig) -> dict[str, Any]:
+    """The chunking settings a bank records. The splitter is named only when it is not the
+    default, so banks built before it was configurable keep their identity."""
+    meta: dict[str, Any] = {"sentences_per_chunk": cfg.sentences_per_chunk,
+                            "max_chunk_chars": cfg.max_chunk_chars}
+    if cfg.splitter != "regex":
+        meta["splitter"] = cfg.splitter
+    return meta
+
+
+def chunks_of(text: str, cfg: CorpusConfig) -> list[str]:
+    return chunk_document(text, cfg.sentences_per_chunk, cfg.max_chunk_chars, cfg.splitter)
+
+
+def split_meta(split_cfg: SplitConfig) -> dict[str, Any]:
     return {"fractions": [split_cfg.train, split_cfg.val, split_cfg.test], "salt": split_cfg.salt}
 
 
-def _corpus_meta(cfg: CorpusConfig) -> dict[str, Any]:
+def corpus_meta(cfg: CorpusConfig) -> dict[str, Any]:
     meta = {"source": cfg.source, "path": cfg.path, "max_docs": cfg.max_docs}
     if cfg.pick != "first":  # only when set: banks written before `pick` existed still match
         meta["pick"] = cfg.pick
+    return meta
+
+
+def settings_meta(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig,
+                  split_cfg: SplitConfig) -> dict[str, Any]:
+    """The settings a bank records (and is reused for): encoder, corpus, chunking, split."""
+    meta = {"encoder": encoder_name(encoder_cfg), "corpus": corpus_meta(corpus_cfg),
+            "chunking": chunking_meta(corpus_cfg), "split": split_meta(split_cfg)}
+    if encoder_cfg.backend != "torch":  # torch banks keep the metadata they always had
+        meta["encoder_backend"] = encoder_cfg.backend
     return meta
 
 
@@ -204,13 +232,12 @@ def plan_ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg:
     cache_dir = cache_dir_for(out_path)
     plans: list[DocPlan] = []
     for doc in tqdm(docs, desc="chunk", unit="doc", disable=not show_progress):
-        chunks = chunk_document(doc.text, corpus_cfg.sentences_per_chunk,
-                                corpus_cfg.max_chunk_chars)
+        chunks = chunks_of(doc.text, corpus_cfg)
         if not chunks:
             skipped.append(Skipped(doc.doc_id, "no chunks after chunking"))
             log.warning("skipped %s: no chunks after chunking", doc.doc_id)
             continue
-        key = _doc_key(enc_key, corpus_cfg, chunks)
+        key = doc_key(enc_key, corpus_cfg, chunks)
         plans.append(DocPlan(doc.doc_id, chunks, key,
                              _cache_valid(cache_dir / f"{key}.npy", len(chunks))))
     if not plans:
@@ -218,16 +245,7 @@ def plan_ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg:
     fingerprint = hashlib.sha256(
         json.dumps([[d.doc_id, d.key] for d in plans]).encode()
     ).hexdigest()
-    meta = {
-        "encoder": encoder_name(encoder_cfg),
-        "corpus": _corpus_meta(corpus_cfg),
-        "chunking": {"sentences_per_chunk": corpus_cfg.sentences_per_chunk,
-                     "max_chunk_chars": corpus_cfg.max_chunk_chars},
-        "split": _split_meta(split_cfg),
-        "fingerprint": fingerprint,
-    }
-    if encoder_cfg.backend != "torch":  # torch banks keep the metadata they always had
-        meta["encoder_backend"] = encoder_cfg.backend
+    meta = {**settings_meta(corpus_cfg, encoder_cfg, split_cfg), "fingerprint": fingerprint}
     return IngestPlan(out_path=out_path, cache_dir=cache_dir, docs=plans, skipped=skipped,
                       split_cfg=split_cfg, meta=meta, reuse_bank=reuse_existing(out_path, meta, overwrite),
                       cache_hits=sum(d.cached for d in plans))
@@ -336,7 +354,7 @@ def ingest(corpus_cfg: CorpusConfig, encoder_cfg: EncoderConfig, split_cfg: Spli
 def _ingest_synthetic(cfg: CorpusConfig, split_cfg: SplitConfig, out_path: Path,
                       overwrite: bool = False) -> IngestResult:
     bank = make_synthetic_bank(n_docs=cfg.max_docs or 24, split_cfg=split_cfg)
-    bank.meta["corpus"] = _corpus_meta(cfg)
+    bank.meta["corpus"] = corpus_meta(cfg)
     n_docs = len(bank.doc_order())
     reused = reuse_existing(out_path, bank.meta, overwrite)
     if not reused:

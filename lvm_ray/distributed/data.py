@@ -1,97 +1,110 @@
-"""Ray Data adapter for ingest: the embedding stage as map_batches over encoder actors.
+"""Ray Data adapter for ingest: the sharded ingest of lvm_ray.data.shards on a cluster.
 
-The core plans the work (documents, chunks, what is already cached) and writes the cache and the
-bank; Ray Data only runs the encoder over the pending chunks in parallel, so a cluster embeds a
-large corpus on every node and a re-run encodes only what is missing.
+The core plans and checks; Ray Data only runs its per-partition steps in parallel:
+
+    partitions (driver: file names, Parquet footers, JSONL newline offsets)
+      -> map_batches(survey) on CPU tasks: read + chunk each partition, return counts and keys
+      -> plan_shards (driver: ids, splits, dense concept-id offsets; shards already written)
+      -> map_batches(ShardWriter) on encoder actors (a GPU each when the cluster has them):
+         read + chunk + encode one partition and write its Parquet shard
+      -> finish_shards (driver: content hash shard by shard, manifest)
+
+No step holds the documents on the driver, and a re-run keeps every shard already written.
+The corpus path and the bank directory must be readable and writable from every node (shared
+storage) when the cluster has more than one.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from lvm_ray.config import Config, EncoderConfig
-from lvm_ray.data.bank import BankError, ConceptBank, check_schema, from_table
+from lvm_ray.config import Config, CorpusConfig, EncoderConfig
+from lvm_ray.data.corpus import Partition, partitions
 from lvm_ray.data.encoders import get_encoder
-from lvm_ray.data.ingest import IngestResult, finish_ingest, group_vectors, plan_ingest
+from lvm_ray.data.ingest import IngestResult, cache_dir_for
+from lvm_ray.data.shards import (ShardPlan, Survey, finish_shards, log_plan, plan_shards,
+                                 prepare_out_dir, survey, survey_corpus, write_shard)
+
+log = logging.getLogger(__name__)
 
 
-class EncodeBatch:
-    """A Ray Data actor: loads the encoder once, then embeds batches of chunk texts."""
+def _survey_batch(batch: dict[str, np.ndarray], corpus: CorpusConfig,
+                  encoder: EncoderConfig) -> dict[str, np.ndarray]:
+    out = [json.dumps(survey(corpus, encoder, Partition(**json.loads(p))).to_dict())
+           for p in batch["part"]]
+    return {"survey": np.array(out, dtype=object)}
 
-    def __init__(self, encoder_cfg: EncoderConfig, threads: int = 1,
-                 export_root: str | None = None):
+
+class ShardWriter:
+    """A Ray Data actor: loads the encoder once, then writes whole shards."""
+
+    def __init__(self, corpus: CorpusConfig, encoder: EncoderConfig, meta: dict, out_dir: str,
+                 threads: int = 1):
         import torch
 
         # One intra-op thread per CPU the actor owns: oversubscribed OpenMP threads spin.
         torch.set_num_threads(max(1, threads))
-        self.encoder = get_encoder(encoder_cfg, export_root=export_root)
+        self.corpus, self.meta, self.out_dir = corpus, meta, out_dir
+        self.batch_size = encoder.batch_size
+        # An exported backend (encoder.backend onnx...) is cached beside the bank's other caches.
+        self.encoder = get_encoder(encoder, export_root=cache_dir_for(out_dir) / "encoders")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.encoder.encode(texts, batch_size=self.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        vectors = self.encoder.encode(list(batch["text"]), batch_size=len(batch["text"]))
-        return {"doc_id": batch["doc_id"], "position": batch["position"], "vector": vectors}
+        rows = [write_shard(self.corpus, ShardPlan.from_dict(json.loads(s)), self.meta,
+                            self.out_dir, self.encode)["rows"] for s in batch["shard"]]
+        return {"rows": np.array(rows, dtype=np.int64)}
 
 
 def ingest_with_ray(cfg: Config, out_path: str | Path, num_encoders: int | None = None,
-                    batch_size: int | None = None, overwrite: bool = False) -> IngestResult:
-    """Like lvm_ray.data.ingest.ingest, with the encoding fanned out over Ray Data actors."""
+                    overwrite: bool = False) -> IngestResult:
+    """lvm_ray.data.shards.ingest_sharded with the surveys on Ray tasks and the encoding on an
+    actor pool: writes (or resumes, or reuses) the sharded bank directory at out_path."""
     import ray
     import ray.data
 
-    plan = plan_ingest(cfg.corpus, cfg.encoder, cfg.split, out_path, show_progress=True,
-                       overwrite=overwrite)
-    if plan.reuse_bank or not plan.todo:
-        return finish_ingest(plan, {})
-    pending = plan.pending_chunks()
-    n = len(pending["text"])
-    # Length-sorted, so each batch pads to similar lengths (sentence-transformers sorts inside
-    # one encode call; Ray Data batches would otherwise mix short and long sentences). Rows are
-    # put back in document order by group_vectors.
-    order = sorted(range(n), key=lambda i: len(pending["text"][i]))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    num_encoders = num_encoders or max(1, min(cpus, 8))
-    batch_size = batch_size or cfg.encoder.batch_size
-    ds = ray.data.from_items([
-        {"doc_id": pending["doc_id"][i], "position": pending["position"][i],
-         "text": pending["text"][i]} for i in order
-    ], override_num_blocks=max(num_encoders, n // (batch_size * 8) or 1))
-    encoded = ds.map_batches(
-        EncodeBatch,
-        fn_constructor_kwargs={"encoder_cfg": cfg.encoder,
-                               "export_root": str(plan.cache_dir / "encoders"),
-                               "threads": max(1, cpus // num_encoders)},
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_encoders),
-        num_cpus=max(0.5, cpus / num_encoders) if cpus >= num_encoders else 1,
-        batch_format="numpy",
-    )
-    doc_ids, positions, vectors = [], [], []
-    for b in encoded.iter_batches(batch_size=4096, batch_format="numpy"):
-        doc_ids.extend(b["doc_id"].tolist())
-        positions.extend(b["position"].tolist())
-        vectors.append(np.asarray(b["vector"], dtype=np.float32))
-    return finish_ingest(plan, group_vectors(doc_ids, positions, np.concatenate(vectors)))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    out_path = Path(out_path)
+    parts = partitions(cfg.corpus, cfg.corpus.docs_per_shard)
 
+    def survey_many(ps: list[Partition]) -> list[Survey]:
+        ds = ray.data.from_items([{"part": json.dumps(p.to_dict())} for p in ps],
+                                 override_num_blocks=len(ps))
+        out = ds.map_batches(_survey_batch, batch_size=1, batch_format="numpy",
+                             fn_kwargs={"corpus": cfg.corpus, "encoder": cfg.encoder})
+        return [Survey.from_dict(json.loads(s))
+                for b in out.iter_batches(batch_size=256, batch_format="numpy")
+                for s in b["survey"]]
 
-def read_bank_with_ray(path: str | Path) -> ConceptBank:
-    """The training job's read of the concept bank: `ray.data.read_parquet`, so the read runs as
-    Ray tasks on the cluster (any filesystem Ray Data reads). The schema is checked before any
-    value is read (no extension types: see check_schema), and rows are put back in concept_id
-    order, since read tasks may finish in any order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-    import ray.data
-
-    try:
-        schema = pq.read_schema(str(path))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise BankError(f"{path}: not a readable Parquet concept bank: {e}") from e
-    check_schema(schema)
-    ds = ray.data.read_parquet(str(path))
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    if "concept_id" in table.column_names:
-        table = table.sort_by("concept_id")
-    # Ray Data keeps the columns, not the file's schema metadata (split and encoder provenance).
-    return from_table(table.replace_schema_metadata(schema.metadata))
+    plan = plan_shards(cfg.corpus, cfg.encoder, cfg.split, out_path,
+                       survey_corpus(cfg.corpus, parts, survey_many), overwrite)
+    log_plan(plan)
+    todo = plan.todo
+    if todo:
+        prepare_out_dir(plan)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        on_gpu = gpus > 0 and cfg.encoder.device in ("auto", "cuda")
+        num_encoders = min(len(todo), num_encoders or (gpus if on_gpu else max(1, min(cpus, 8))))
+        ds = ray.data.from_items([{"shard": json.dumps(s.to_dict())} for s in todo],
+                                 override_num_blocks=len(todo))
+        written = ds.map_batches(
+            ShardWriter, batch_size=1, batch_format="numpy",
+            fn_constructor_kwargs={"corpus": cfg.corpus, "encoder": cfg.encoder,
+                                   "meta": plan.meta, "out_dir": str(out_path),
+                                   "threads": max(1, cpus // num_encoders)},
+            compute=ray.data.ActorPoolStrategy(size=num_encoders),
+            num_cpus=1 if on_gpu else max(0.5, cpus / num_encoders) if cpus >= num_encoders
+            else 1,
+            num_gpus=1 if on_gpu else 0)
+        done = 0
+        for b in written.iter_batches(batch_size=1, batch_format="numpy"):
+            done += int(b["rows"].sum())
+            log.info("encoded %d / %d chunks", done, sum(s.rows for s in todo))
+    return finish_shards(plan)

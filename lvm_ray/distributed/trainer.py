@@ -8,6 +8,7 @@ Everything numerical lives in lvm_ray.train.step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -279,9 +280,26 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / name
 
 
+def share_bank(bank: ConceptBank, vector_dtype: str = "float32") -> tuple[Any, ConceptBank]:
+    """Put the lean bank (numeric arrays only: vectors, document codes, positions, splits; no
+    texts) in the object store once. Every worker on a node then maps that node's one copy,
+    zero-copy. Returns (ref, the driver's bank): with float32 the driver's vectors become a view
+    of the stored copy too, so the driver holds no second one."""
+    import ray
+
+    lean = bank.lean(vector_dtype)
+    ref = ray.put(lean)
+    if vector_dtype == "float32":
+        stored = ray.get(ref)  # read-only arrays backed by the object store
+        bank = dataclasses.replace(bank, vectors=stored.vectors)
+    return ref, bank
+
+
 def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
-                   record_pids: bool = False, verbose: bool = False) -> TrainRun:
-    """Driver side: run the TorchTrainer, fetch the best checkpoint and the history."""
+                   record_pids: bool = False, verbose: bool = False,
+                   bank_ref: Any = None) -> TrainRun:
+    """Driver side: run the TorchTrainer, fetch the best checkpoint and the history.
+    bank_ref: the bank already shared (share_bank); else it is shared here."""
     import ray
 
     use_gpu = cfg.scaling.use_gpu
@@ -293,7 +311,9 @@ def train_with_ray(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: 
         resume = resume_checkpoint(Path(run_dir))
         if resume is not None:
             say(f"run {run_dir} exists: resuming from {resume.name}")
-    trainer = build_trainer(cfg, ray.put(bank), train_ws, val_ws,
+    if bank_ref is None:
+        bank_ref, _ = share_bank(bank, cfg.train.vector_dtype)
+    trainer = build_trainer(cfg, bank_ref, train_ws, val_ws,
                             storage_path=absolute(cfg.run.storage_path), name=cfg.run.name,
                             use_gpu=bool(use_gpu), record_pids=record_pids, verbose=verbose)
     result = trainer.fit()

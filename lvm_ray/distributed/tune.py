@@ -244,7 +244,9 @@ def run_trials(cfg: Config, bank: ConceptBank, sweep_dir: str,
     s = cfg.tune
     check_comparable(bank, cfg)
     metric = objective_metric(cfg)
-    shared = {"bank": ray.put(bank), "base": to_dict(cfg), "sweep_dir": sweep_dir}
+    # Numeric arrays only (no texts): every trial maps the same object-store copy.
+    shared = {"bank": ray.put(bank.lean(cfg.train.vector_dtype)), "base": to_dict(cfg),
+              "sweep_dir": sweep_dir}
     trainable = tune.with_resources(tune.with_parameters(lvm_trial, shared=shared),
                                     trial_resources(cfg))
     say(f"sweep {sweep_dir}: {n_trials(s)} trials ({s.search}: contexts {list(s.contexts)} x "

@@ -22,8 +22,9 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from lvm_ray.config import from_dict
-from lvm_ray.serve.config import AppArgs, ModelAppArgs
+from lvm_ray.config import IndexConfig, from_dict
+from lvm_ray.data.index import build_index_files
+from lvm_ray.serve.config import AppArgs, ModelAppArgs, ServedBankArgs
 from lvm_ray.serve.models import DEPLOYMENT_NAMES, ModelServer, TextEncoder
 from lvm_ray.serve.router import Router
 from lvm_ray.serve.routing import PHASE2, PHASE3
@@ -59,16 +60,27 @@ def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] 
             raise ValueError(_NO_SHARED_KEY)
         phase2, phase3 = (model_app_name(a.model_apps, m) for m in (PHASE2, PHASE3))
     else:
+        _prepare_index(a, bank)
         phase2 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
-            PHASE2, path(a.phase2_checkpoint), bank, a.device, key, a.allow_bank_mismatch)
+            PHASE2, path(a.phase2_checkpoint), bank, a.device, key, a.allow_bank_mismatch,
+            a.index)
         phase3 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
-            PHASE3, path(a.phase3_checkpoint), bank, a.device, key, a.allow_bank_mismatch)
+            PHASE3, path(a.phase3_checkpoint), bank, a.device, key, a.allow_bank_mismatch,
+            a.index)
     encoder = TextEncoder.options(**opts("TextEncoder")).bind(bank, a.encoder)
     app = Router.options(**opts("Router")).bind(phase2, phase3, encoder, key)
     if options:
         raise ValueError(f"unknown deployment(s) {sorted(options)}; the app has Router, "
                          f"{', '.join(DEPLOYMENT_NAMES.values())}, TextEncoder")
     return app
+
+
+def _prepare_index(a: ServedBankArgs, bank: str) -> None:
+    """Build the bank's index files once, here, before any replica starts: replicas only
+    memory-map them. (A missing bank is the replicas' error to report; a config is still checked
+    without one.)"""
+    if a.build_index and not is_uri(bank) and Path(bank).exists():
+        build_index_files(bank, IndexConfig(factory=a.index))
 
 
 _NO_SHARED_KEY = ("model_apps: the router application signs session tokens that the model "
@@ -99,8 +111,10 @@ def make_model_app(args: dict[str, Any] | ModelAppArgs, options: dict[str, Any] 
     def path(p: str) -> str:
         return p if is_uri(p) else str(Path(p).expanduser().resolve())
 
+    bank = path(a.bank)
+    _prepare_index(a, bank)
     return model_deployment.options(name=DEPLOYMENT_NAMES[a.model], **(options or {})).bind(
-        a.model, path(a.checkpoint), path(a.bank), a.device, key, a.allow_bank_mismatch)
+        a.model, path(a.checkpoint), bank, a.device, key, a.allow_bank_mismatch, a.index)
 
 
 __all__ = ["build_app", "build_model_app", "make_app", "make_model_app", "model_app_name"]

@@ -15,14 +15,10 @@ from lvm_ray.config import require
 
 
 @dataclass(frozen=True)
-class AppArgs:
-    """`args` of the app (serve config or `serve run ... key=value`)."""
+class ServedBankArgs:
+    """What every app that serves a model reads: the bank, its index and the session key."""
 
-    phase2_checkpoint: str = "runs/demo/phase2/best"
-    phase3_checkpoint: str = "runs/demo/phase3/best"
     bank: str = "data/sotu_demo_bank.parquet"
-    # A local sentence-transformers directory, when the bank's encoder is not one lvm_ray knows.
-    encoder: str | None = None
     # HMAC key of session tokens; LVM_SESSION_KEY in the replicas' environment wins. Without
     # either, each deploy makes a new key and earlier sessions stop verifying.
     session_key: str | None = None
@@ -30,6 +26,26 @@ class AppArgs:
     # A checkpoint is served only with the bank it was trained on (its recorded identity);
     # true serves the pair anyway, and /v1/models then lists the differences.
     allow_bank_mismatch: bool = False
+    # The kNN index the model deployments search: a FAISS index_factory string whose files
+    # `lvm index` wrote beside the bank (lvm_ray.data.index). Every replica memory-maps them, so
+    # replicas on a node share one copy. "Flat" is exact; "HNSW32" or "IVF4096,Flat" for millions.
+    index: str = "Flat"
+    # Build the index files (once, before any replica starts) when missing or built for another
+    # bank; false refuses to start instead (large indexes: build them with `lvm index` first).
+    build_index: bool = True
+
+    def __post_init__(self) -> None:
+        require(bool(self.index.strip()), "index must be a FAISS index_factory string")
+
+
+@dataclass(frozen=True)
+class AppArgs(ServedBankArgs):
+    """`args` of the app (serve config or `serve run ... key=value`)."""
+
+    phase2_checkpoint: str = "runs/demo/phase2/best"
+    phase3_checkpoint: str = "runs/demo/phase3/best"
+    # A local sentence-transformers directory, when the bank's encoder is not one lvm_ray knows.
+    encoder: str | None = None
     # None: the models are deployments of this app (every request goes through the router).
     # "<prefix>": each model is its own application "<prefix>phase2" / "<prefix>phase3" (route
     # prefix /<its name>, built by lvm_ray.serve.app:build_model_app) whose ingress also serves
@@ -38,15 +54,12 @@ class AppArgs:
 
 
 @dataclass(frozen=True)
-class ModelAppArgs:
-    """`args` of one model's own application (lvm_ray.serve.app:build_model_app)."""
+class ModelAppArgs(ServedBankArgs):
+    """`args` of one model's own application (lvm_ray.serve.app:build_model_app); its
+    session_key must be the router app's (or LVM_SESSION_KEY)."""
 
     model: Literal["phase2", "phase3"] = "phase2"
     checkpoint: str = "runs/demo/phase2/best"
-    bank: str = "data/sotu_demo_bank.parquet"
-    session_key: str | None = None  # must be the router app's key (or LVM_SESSION_KEY)
-    device: str = "cpu"
-    allow_bank_mismatch: bool = False  # as AppArgs.allow_bank_mismatch
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,9 @@ class ModelUserConfig(RequestLimits):
     # >= 1.5x faster than the eager step at every shipped size for < 0.2 point of bank-Hit@5
     # (BENCHMARKS.md, section quant). CPU only: on a GPU appends stay eager.
     append_step: Literal["int8", "fp32", "eager"] = "int8"
+    # Search parameters of the index (args.index), applied live; None keeps FAISS's default.
+    nprobe: int | None = None  # IVF indexes: inverted lists visited per query
+    ef_search: int | None = None  # HNSW indexes: candidate list size per query
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +104,8 @@ class ModelUserConfig(RequestLimits):
         require(0.0 <= self.batch_wait_timeout_s <= 1.0, "batch_wait_timeout_s must be in [0, 1]")
         require(self.append_step in ("int8", "fp32", "eager"),
                 f"append_step must be int8, fp32 or eager, got {self.append_step!r}")
+        require(all(v is None or v >= 1 for v in (self.nprobe, self.ef_search)),
+                "nprobe and ef_search must be >= 1 (or null)")
 
 
 @dataclass(frozen=True)

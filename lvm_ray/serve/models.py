@@ -30,7 +30,7 @@ from lvm_ray.serve.routing import PHASE2, PHASE3, lane_summary
 from lvm_ray.serve.schemas import (RequestError, SessionAppendRequest, SessionOut, body_schema)
 from lvm_ray.serve.sessions import (SessionCodec, SessionError, SessionState, check_compatible,
                                     checkpoint_fingerprint, resolve_key, KEY_ENV)
-from lvm_ray.storage import localize
+from lvm_ray.storage import is_uri, localize
 
 DEPLOYMENT_NAMES = {PHASE2: "Phase2Model", PHASE3: "Phase3Model"}
 INLINE_VECTORS = 64  # batches of at most this many vectors skip the thread hand-off
@@ -86,12 +86,17 @@ class ModelServer:
     """One checkpoint + the concept bank (FAISS index) behind @serve.batch methods."""
 
     def __init__(self, name: str, checkpoint: str, bank: str, device: str = "cpu",
-                 session_key: str | None = None, allow_bank_mismatch: bool = False):
+                 session_key: str | None = None, allow_bank_mismatch: bool = False,
+                 index: str = "Flat"):
         self.name = name
         self.checkpoint = checkpoint
         ckpt_dir = localize(checkpoint)
+        # The bank's index files are memory-mapped (shared by the replicas of a node); the app
+        # builder made them, so a replica never builds one and refuses stale ones.
+        files = localize(bank.rstrip("/") + ".index") if is_uri(bank) else None
         self.predictor = Predictor.from_paths(ckpt_dir, localize(bank), device=device,
-                                              allow_bank_mismatch=allow_bank_mismatch)
+                                              allow_bank_mismatch=allow_bank_mismatch,
+                                              index=index, build_index=False, index_files=files)
         self.state_shape = self.predictor.session_shape()
         self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
         self.metrics = ModelMetrics()
@@ -113,6 +118,7 @@ class ModelServer:
             self.append_step = self._set_append_step(self.user.append_step)
         if self.codec is not None:
             self.codec.ttl_s = self.user.session_ttl_s
+        self.predictor.retrieval.set_search_params(self.user.nprobe, self.user.ef_search)
         for fn in (self._predict_batch, self._append_batch):
             fn.set_max_batch_size(self.user.max_batch_size)
             fn.set_batch_wait_timeout_s(self.user.batch_wait_timeout_s)
@@ -126,7 +132,8 @@ class ModelServer:
                 "model_config": i["model_config"], "epoch": i["epoch"],
                 "val_metrics": i["metrics"], "test_metrics": i["test_metrics"],
                 "bank_size": i["bank_size"], "bank_mismatch": i["bank_mismatch"],
-                "bank_encoder": self.predictor.bank.meta.get("encoder"),
+                "bank_encoder": self.predictor.retrieval.meta.get("encoder"),
+                "index": self.predictor.retrieval.factory,
                 "lanes": self.lanes, "lanes_reason": self.lanes_reason,
                 "append_step": self.append_step, "user_config": to_dict(self.user),
                 "replica": serve.get_replica_context().replica_tag}

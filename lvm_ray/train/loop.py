@@ -164,6 +164,35 @@ def with_bank_width(cfg: Config, bank: ConceptBank) -> Config:
     return cfg
 
 
+def training_bank(bank: ConceptBank, tc: TrainConfig) -> ConceptBank:
+    """The bank with vectors in train.vector_dtype (as given when they already are: the Ray
+    workers' shared copy). A cast copy is lean and keeps the full bank's identity, which the
+    checkpoints record."""
+    if bank.vectors.dtype == np.dtype(tc.vector_dtype):
+        return bank
+    return bank.lean(tc.vector_dtype)
+
+
+class RowPool:
+    """Bank rows sampled as InfoNCE negatives, gathered per draw from the shared vectors rather
+    than copied per worker (on a GPU the rows are copied to it once: device memory is not the
+    node's). pool[c] -> (K, D) float32 on `device` for positions c into `rows`."""
+
+    def __init__(self, vectors: np.ndarray, rows: np.ndarray, device: torch.device | str):
+        self.vectors, self.rows, self.device = vectors, rows, torch.device(device)
+        self.on_device = (torch.from_numpy(vectors[rows].astype(np.float32)).to(self.device)
+                          if self.device.type == "cuda" else None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, c: torch.Tensor) -> torch.Tensor:
+        if self.on_device is not None:
+            return self.on_device[c.to(self.device)]
+        rows = self.rows[c.numpy()]
+        return torch.from_numpy(self.vectors[rows].astype(np.float32)).to(self.device)
+
+
 def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         rt: Runtime) -> dict[str, Any]:
     """Train with early stopping on the val selection metric; returns the final summary.
@@ -201,9 +230,10 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     model = rt.wrap_model(model)
     val_eval = val_ws.sample(tc.max_eval_windows, tc.seed)
     select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
+    bank = training_bank(bank, tc)
     vectors = bank.vectors
     # Bank negatives are drawn from the training split's rows, indexed like window positions.
-    negative_pool = (torch.from_numpy(vectors[train_ws.rows]).to(device)
+    negative_pool = (RowPool(vectors, train_ws.rows, device)
                      if cfg.loss.negatives == "bank" else None)
     summary: dict[str, Any] = {}
 
@@ -213,6 +243,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         t0 = time.perf_counter()
         model.train()
         idx = rt.epoch_indices(epoch)
+        t_steps = time.perf_counter()  # the steps alone: reading the window ids is O(windows)
         all_steps = tc.objective == "all_steps"
         micro = (to_batch(vectors, train_ws, idx[i : i + tc.micro_batch], device, all_steps,
                           tc.step_targets)
@@ -227,6 +258,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
             if rt.log_every and n_steps % rt.log_every == 0 and coll.rank == 0:
                 log.info("epoch %d step %d/%d loss %.4f", epoch, n_steps, spe, s["loss"])
         train_time = time.perf_counter() - t0
+        step_time = (time.perf_counter() - t_steps) / max(1, n_steps)
         train_stats = coll.all_reduce_mean({k: v / max(1, n_steps) for k, v in totals.items()})
         val = evaluate_model(model, bank, val_eval, cfg, coll, device, bootstrap=0)
         improved = stopper.update(float(val[select]), epoch)
@@ -237,6 +269,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
             **{f"val_{k}": v for k, v in val.items()},
             "train_windows": int(len(idx)) * coll.world_size,
             "train_seconds": train_time,
+            "step_seconds": step_time,
             "windows_per_s": len(idx) * coll.world_size / max(train_time, 1e-9),
             "best_epoch": stopper.best_epoch,
             f"best_val_{select}": stopper.best,

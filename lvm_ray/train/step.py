@@ -102,7 +102,8 @@ def to_batch(vectors: np.ndarray, ws: WindowSet, idx: np.ndarray, device: torch.
     if all_steps:
         # Step t's target is the row after it: positions start+1 .. end, all inside the window.
         pos = np.minimum(start[:, None] + 1 + np.arange(ctx.shape[1]), (start + lengths)[:, None])
-        step_target = torch.from_numpy(vectors[ws.rows[pos]]).to(device)  # (B, T, D)
+        step_target = torch.from_numpy(  # (B, T, D); a float16 bank widens here
+            vectors[ws.rows[pos]].astype(np.float32, copy=False)).to(device)
     return Batch(torch.from_numpy(ctx).to(device), torch.from_numpy(lengths),
                  torch.from_numpy(target).to(device), torch.from_numpy(start), step_target,
                  step_targets)

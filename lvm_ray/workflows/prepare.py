@@ -12,14 +12,17 @@ from lvm_ray.data.bank import BankError, ConceptBank, load_bank
 from lvm_ray.data.ingest import ingest
 from lvm_ray.data.windows import (WindowSet, check_split_disjoint, check_windows, make_windows,
                                   short_documents)
-from lvm_ray.distributed.data import ingest_with_ray, read_bank_with_ray
+from lvm_ray.data.shards import dry_run, ingest_sharded
+from lvm_ray.distributed.data import ingest_with_ray
 
 
-def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False) -> ConceptBank:
+def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False,
+                lean: bool = True) -> ConceptBank:
     """Load cfg.bank_path, ingesting the corpus first if needed (cached, resumable). With use_ray,
-    ingest embeds through Ray Data actors and the bank is read with ray.data.read_parquet.
-    A bank at bank_path built from other settings is refused, never replaced, unless
-    overwrite (ingest.reuse_existing)."""
+    ingest writes a sharded bank through Ray Data (lvm_ray.distributed.data), as does a local
+    ingest whose bank_path is a directory. A bank at bank_path built from other settings is
+    refused, never replaced, unless overwrite (ingest.reuse_existing). The bank comes back lean
+    (numeric arrays, texts read on demand: what training and evaluation need) unless lean=False."""
     bank_path = Path(cfg.bank_path)
     if cfg.corpus.source == "bank":
         # Someone else's bank: checked (finite unit vectors, splits, document order) before use.
@@ -29,11 +32,15 @@ def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False) -> 
         res = ingest_with_ray(cfg, bank_path, overwrite=overwrite)
         say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
             f"({'reused' if res.reused else 'built'} with Ray Data)")
+    elif bank_path.is_dir() and cfg.corpus.source != "synthetic":
+        res = ingest_sharded(cfg.corpus, cfg.encoder, cfg.split, bank_path, overwrite=overwrite)
+        say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
+            f"({'reused' if res.reused else 'built'}, sharded)")
     else:
         res = ingest(cfg.corpus, cfg.encoder, cfg.split, bank_path, overwrite=overwrite)
         say(f"bank {bank_path}: {res.n_concepts} concepts from {res.n_docs} documents "
             f"({'reused' if res.reused else 'built'})")
-    bank = read_bank_with_ray(bank_path) if use_ray else load_bank(bank_path)
+    bank = load_bank(bank_path, lean=lean)
     check_split_disjoint(bank)
     say_short_documents(cfg, bank)
     return bank
@@ -47,6 +54,25 @@ def say_short_documents(cfg: Config, bank: ConceptBank) -> None:
             "no part in training or evaluation")
 
 
+def ingest_dry_run(cfg: Config, use_ray: bool = False) -> dict:
+    """`lvm ingest --dry-run`: what the ingest would encode and about how long it would take
+    (encoders: the CPUs Ray would use, up to 8, with --ray; one otherwise). Writes nothing."""
+    import os
+
+    sharded = use_ray or Path(cfg.bank_path).is_dir()
+    encoders = max(1, min(os.cpu_count() or 1, 8)) if use_ray else 1
+    out = dry_run(cfg.corpus, cfg.encoder, cfg.split, cfg.bank_path, sharded, encoders)
+    out["summary"] = (
+        f"ingest {cfg.bank_path}: {out['documents']} documents, {out['chunks']} chunks; "
+        f"{out['chunks_to_encode']} to encode with {out['encoder']} "
+        f"({out['chunks_already_encoded']} already encoded): about "
+        f"{out['estimated_encode_s']:.0f} s on {encoders} encoder(s)"
+        + (f" (measured {out['chunks_per_s_per_encoder']} chunks/s each, plus "
+           f"{out['encoder_load_s']} s to load the encoder)" if "encoder_load_s" in out else "")
+        + (f". It would be refused: {out['refused']}" if "refused" in out else ""))
+    return out
+
+
 def read_bank(cfg: Config) -> ConceptBank:
     """The bank at cfg.bank_path as it is (checked when corpus.source is 'bank'); never ingests.
     For commands that use an existing bank: evaluate."""
@@ -57,7 +83,7 @@ def read_bank(cfg: Config) -> ConceptBank:
     elif not path.exists():
         raise BankError(f"concept bank {path} not found; build it with `lvm ingest` or point to "
                         "another with --bank PATH")
-    bank = load_bank(path)
+    bank = load_bank(path, lean=True)
     check_split_disjoint(bank)
     return bank
 

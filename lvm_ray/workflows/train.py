@@ -17,7 +17,7 @@ from typing import Any
 from lvm_ray.config import Config, ConfigError, config_diff, to_dict
 from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank
-from lvm_ray.distributed.trainer import train_with_ray
+from lvm_ray.distributed.trainer import share_bank, train_with_ray
 from lvm_ray.train.checkpoint import is_valid_checkpoint
 from lvm_ray.train.loop import check_steps, fit_local, windows_per_rank, with_bank_width
 from lvm_ray.workflows.evaluate import evaluate_run
@@ -82,8 +82,11 @@ def train_and_evaluate(cfg: Config, use_ray: bool = True, bank: ConceptBank | No
     t0 = time.perf_counter()
     if use_ray:
         say(f"training {cfg.model.kind} with Ray Train on {cfg.scaling.num_workers} worker(s)")
+        # One copy of the vectors on this node: the object store's, mapped by the workers and
+        # (float32) by this driver for the evaluation that follows.
+        bank_ref, bank = share_bank(bank, cfg.train.vector_dtype)
         run = train_with_ray(cfg, bank, ws.train, ws.val, record_pids=record_pids,
-                             verbose=verbose)
+                             verbose=verbose, bank_ref=bank_ref)
         run_dir, best, history = Path(run.run_dir), Path(run.best_checkpoint), run.history
     else:
         say(f"training {cfg.model.kind} with the plain PyTorch loop")
