@@ -80,12 +80,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lvm_ray.workflows.evaluate import evaluate_checkpoints
 
+    if args.ensemble or args.ensemble_pool:
+        return cmd_evaluate_ensembles(args)
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint (or --ensemble / --ensemble-pool)")
     cfg = config_from_args(args)
     ckpts = {}
     for spec in args.checkpoint:
         name, _, path = spec.rpartition("=")
         ckpts[name or Path(path).parent.name or path] = path
     out = evaluate_checkpoints(ckpts, cfg, split=args.split, out_dir=args.out)
+    print(out["table"])
+    print(f"\nreport: {out['report']}")
+    return 0
+
+
+def cmd_evaluate_ensembles(args: argparse.Namespace) -> int:
+    from lvm_ray.workflows.ensemble import evaluate_ensembles
+
+    ensembles = {}
+    for spec in args.ensemble:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or not paths:
+            raise ValueError(f"--ensemble {spec!r} must look like NAME=PATH,PATH[,...]")
+        ensembles[name] = [p for p in paths.split(",") if p]
+    pool = [p for p in (args.ensemble_pool or "").split(",") if p] or None
+    out = evaluate_ensembles(
+        ensembles, config_from_args(args), split=args.split,
+        out_dir=args.out,
+        fusions=tuple(f for f in args.fusion.split(",") if f), pool=pool,
+        sizes=tuple(int(n) for n in args.ensemble_sizes.split(",") if n))
     print(out["table"])
     print(f"\nreport: {out['report']}")
     return 0
@@ -164,8 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="protocol report for checkpoints vs baselines")
     add_config_args(p)
-    p.add_argument("--checkpoint", action="append", required=True,
+    p.add_argument("--checkpoint", action="append", default=[],
                    metavar="[NAME=]PATH", help="checkpoint directory (repeatable)")
+    p.add_argument("--ensemble", action="append", default=[], metavar="NAME=PATH,PATH[,...]",
+                   help="an ensemble of checkpoints on the same bank, fused with weights chosen "
+                        "on val (repeatable)")
+    p.add_argument("--ensemble-pool", metavar="PATH,PATH,...",
+                   help="checkpoints to search: the best subset of each --ensemble-sizes on val")
+    p.add_argument("--ensemble-sizes", default="2,3", help="subset sizes for --ensemble-pool")
+    p.add_argument("--fusion", default="score,rrf",
+                   help="ensemble fusions: score (weighted cosine sum), rrf (reciprocal rank)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", default="runs/evaluate", help="report directory")
     p.set_defaults(fn=cmd_evaluate)

@@ -14,6 +14,12 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from lvm_ray.serve.app import make_app
+from lvm_ray.serve.ensemble import ENSEMBLE_APP, EnsembleServer
+from lvm_ray.serve.models import ModelServer
+
+PRODUCT_APP = "lvm_ray.serve.app:build_app"
+# The apps run_config deploys, by import path: the model deployment each one uses.
+MODEL_DEPLOYMENTS = {PRODUCT_APP: ModelServer, ENSEMBLE_APP: EnsembleServer}
 
 
 def app_from_config(app: dict[str, Any]) -> Application:
@@ -21,7 +27,8 @@ def app_from_config(app: dict[str, Any]) -> Application:
     as deployment options (what Serve does when it deploys the config)."""
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"}
                for d in app.get("deployments", [])}
-    return make_app(app.get("args", {}), options)
+    return make_app(app.get("args", {}), options,
+                    model_deployment=MODEL_DEPLOYMENTS[app.get("import_path", PRODUCT_APP)])
 
 
 def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentHandle]:
@@ -38,9 +45,10 @@ def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentH
     serve.start(http_options=raw.get("http_options") or {})
     handles = {}
     for app in raw["applications"]:
-        if app["import_path"] != "lvm_ray.serve.app:build_app":
-            raise ValueError(f"{path}: run_config deploys lvm_ray apps only, got "
-                             f"{app['import_path']}; use `serve run {path}`")
+        if app["import_path"] not in MODEL_DEPLOYMENTS:
+            raise ValueError(f"{path}: run_config deploys lvm_ray apps only "
+                             f"({', '.join(MODEL_DEPLOYMENTS)}), got {app['import_path']}; "
+                             f"use `serve run {path}`")
         handles[app["name"]] = serve.run(app_from_config(app), name=app["name"],
                                          route_prefix=app.get("route_prefix", "/"))
     host, port = cfg.http_options.host, cfg.http_options.port

@@ -29,8 +29,8 @@ def evaluate_run(cfg: Config, bank: ConceptBank, ws: Windows, best: Path, run_di
     name = f"{cfg.run.name} ({cfg.model.kind})"
     eval_ws = ws.test if split == "test" else ws.val
     lanes = lanes_of(cfg, bank)
-    results = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, eval_ws, cfg,
-                                  None if lanes is None else lanes.ids)
+    results = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, eval_ws,
+                                  cfg, None if lanes is None else lanes.ids)
     meta = {"split": split, "checkpoint": str(best), "epoch": ck.meta.get("epoch"),
             "window": f"{cfg.window.policy}, L={cfg.window.context}",
             "encoder": bank.meta.get("encoder"), "n_parameters": ck.meta.get("n_parameters")}
@@ -62,8 +62,8 @@ def evaluate_checkpoints(ckpts: dict[str, str], cfg: Config, split: str = "test"
         ccfg = cfg if win is None else dataclasses.replace(cfg, window=from_dict(WindowConfig, win))
         ws = prepare_windows(ccfg, bank)
         eval_ws = ws.test if split == "test" else ws.val
-        res = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, eval_ws, ccfg,
-                                  None if lanes is None else lanes.ids)
+        res = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, eval_ws,
+                                  ccfg, None if lanes is None else lanes.ids)
         if lanes is not None and split == "test":
             write_lanes(path, lane_document(res, name, lanes, split))
         for k, v in res.items():
@@ -83,7 +83,8 @@ def evaluate_best_trial(best: dict[str, Any], cfg: Config, bank: ConceptBank,
     ck = load_checkpoint(best["checkpoint"])
     ws = prepare_windows(tcfg, bank)
     name = f"best trial {best['trial_id']} (L={best['context']}, alpha={best['alpha']:.3g})"
-    results = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, ws.test, tcfg)
+    results = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, ws.test,
+                                  tcfg)
     metric = objective_metric(cfg)
     meta = {"split": "test", "checkpoint": best["checkpoint"], "epoch": ck.meta.get("epoch"),
             "selected by": f"{metric} = {100 * best[metric]:.2f}% on val",
