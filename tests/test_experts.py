@@ -158,3 +158,20 @@ def test_experts_train_through_ray_train(ray_session, tmp_path):
     assert ck.model_config.experts == "soft"
     np.testing.assert_allclose(ck.model.head.centroids.numpy(),
                                bank_lanes(syn, 4, cfg.eval.seed).centroids, atol=1e-6)
+
+
+def test_served_by_the_plain_predictor(bank, tmp_path):
+    """Serve routes inside the model: the Predictor (what ModelServer runs) needs nothing new,
+    and a session's appends equal the full-context prediction."""
+    from lvm_ray.predictor import Predictor
+
+    model, cfg = experts_model(bank, routing="soft")
+    save_checkpoint(tmp_path / "ck", model, cfg.model, epoch=0, metrics={},
+                    config={"window": {"context": 8}})
+    p = Predictor(load_checkpoint(tmp_path / "ck"), bank, device="cpu")
+    x = bank.vectors[20:28]
+    full = p.predict(x, k=5)
+    pred, state = p.append(x[:5], None, k=5)
+    pred, state = p.append(x[5:], state, k=5)
+    np.testing.assert_allclose(pred.vector, full.vector, atol=1e-5)
+    assert [n.concept_id for n in pred.neighbors] == [n.concept_id for n in full.neighbors]
