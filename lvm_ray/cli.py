@@ -71,7 +71,7 @@ def config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = No
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from lvm_ray.workflows.prepare import ensure_bank, ingest_dry_run
+    from lvm_ray.workflows.prepare import ensure_bank, ingest_dry_run, say_short_documents
 
     cfg = config_from_args(args)
     if args.dry_run:
@@ -82,6 +82,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.ray:
         init_ray(address=args.address, verbose=args.verbose)
     bank = ensure_bank(cfg, use_ray=args.ray, overwrite=args.overwrite)
+    say_short_documents(cfg, bank)
     out = {"bank": cfg.bank_path, "concepts": len(bank), "dim": bank.dim,
            "encoder": bank.meta.get("encoder")}
     if args.index:
@@ -117,17 +118,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoints_of(specs: list[str]) -> dict[str, str]:
+    """--checkpoint [NAME=]PATH values -> {name: path} (the name defaults to the run's folder)."""
+    ckpts = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=")
+        ckpts[name or Path(path).parent.name or path] = path
+    return ckpts
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lvm_ray.workflows.evaluate import evaluate_checkpoints
 
-    ckpts = {}
-    for spec in args.checkpoint:
-        name, _, path = spec.rpartition("=")
-        ckpts[name or Path(path).parent.name or path] = path
+    if args.ensemble or args.ensemble_pool:
+        return cmd_evaluate_ensembles(args)
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint (or --ensemble / --ensemble-pool)")
     # Each checkpoint's recorded config is the base; --config/--preset/--set/--bank go on top.
-    out = evaluate_checkpoints(ckpts, args.config, presets_of(args), overrides_of(args),
-                               split=args.split, out_dir=args.out,
+    out = evaluate_checkpoints(checkpoints_of(args.checkpoint), args.config, presets_of(args),
+                               overrides_of(args), split=args.split, out_dir=args.out,
                                allow_bank_mismatch=args.allow_bank_mismatch)
+    print(out["table"])
+    print(f"\nreport: {out['report']}")
+    return 0
+
+
+def cmd_evaluate_ensembles(args: argparse.Namespace) -> int:
+    from lvm_ray.train.checkpoint import load_checkpoint
+    from lvm_ray.workflows.ensemble import evaluate_ensembles
+    from lvm_ray.workflows.evaluate import checkpoint_config
+
+    ensembles = {}
+    for spec in args.ensemble:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or not paths:
+            raise ValueError(f"--ensemble {spec!r} must look like NAME=PATH,PATH[,...]")
+        ensembles[name] = [p for p in paths.split(",") if p]
+    pool = [p for p in (args.ensemble_pool or "").split(",") if p] or None
+    first = next(iter([p for ps in ensembles.values() for p in ps] + (pool or [])))
+    # The first member's recorded config is the base (bank, windows), as for --checkpoint.
+    cfg = checkpoint_config(load_checkpoint(first).meta, args.config, presets_of(args),
+                            overrides_of(args))
+    out = evaluate_ensembles(
+        ensembles, cfg, split=args.split, out_dir=args.out or "runs/evaluate/ensembles",
+        fusions=tuple(f for f in args.fusion.split(",") if f), pool=pool,
+        sizes=tuple(int(n) for n in args.ensemble_sizes.split(",") if n),
+        allow_bank_mismatch=args.allow_bank_mismatch)
     print(out["table"])
     print(f"\nreport: {out['report']}")
     return 0
@@ -137,14 +173,10 @@ def cmd_context_curve(args: argparse.Namespace) -> int:
     from lvm_ray.workflows.context_curve import run_context_curve
 
     cfg = config_from_args(args)
-    ckpts = {}
-    for spec in args.checkpoint:
-        name, _, path = spec.rpartition("=")
-        ckpts[name or Path(path).parent.name or path] = path
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    out = run_context_curve(cfg, ckpts, split=args.split, lengths=lengths,
-                            min_history=args.min_history, out_dir=args.out, phase2=args.phase2,
-                            smoke=args.smoke_test)
+    out = run_context_curve(cfg, checkpoints_of(args.checkpoint), split=args.split,
+                            lengths=lengths, min_history=args.min_history, out_dir=args.out,
+                            phase2=args.phase2, smoke=args.smoke_test)
     print(out["markdown"])
     return 0
 
@@ -245,8 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="protocol report for checkpoints vs baselines (each "
                                          "checkpoint's recorded config and bank by default)")
     add_config_args(p)
-    p.add_argument("--checkpoint", action="append", required=True,
+    p.add_argument("--checkpoint", action="append", default=[],
                    metavar="[NAME=]PATH", help="checkpoint directory (repeatable)")
+    p.add_argument("--ensemble", action="append", default=[], metavar="NAME=PATH,PATH[,...]",
+                   help="an ensemble of checkpoints on the same bank, fused with weights chosen "
+                        "on val (repeatable)")
+    p.add_argument("--ensemble-pool", metavar="PATH,PATH,...",
+                   help="checkpoints to search: the best subset of each --ensemble-sizes on val")
+    p.add_argument("--ensemble-sizes", default="2,3", help="subset sizes for --ensemble-pool")
+    p.add_argument("--fusion", default="score,rrf",
+                   help="ensemble fusions: score (weighted cosine sum), rrf (reciprocal rank)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", help="report directory (default: runs/evaluate/NAME[+NAME...])")
     p.add_argument("--allow-bank-mismatch", action="store_true",

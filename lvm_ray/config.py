@@ -94,11 +94,23 @@ class WindowConfig:
     context: int = 100  # L: the longest context a window holds
     min_context: int = 2  # `document` windows may be shorter than L down to this
     stride: int = 1  # distance between consecutive targets
+    # The coherence gate (lvm_ray.data.coherence), TRAINING windows only (val and test are never
+    # filtered): keep windows whose mean cosine of consecutive context concepts is >= min_coherence,
+    # or >= the min_coherence_quantile of the training windows' coherence (0.25 keeps ~75%).
+    # None = off (the default; docs/results.md measures 75% and 50%). At most one of the two.
+    min_coherence: float | None = None
+    min_coherence_quantile: float | None = None
 
     def __post_init__(self) -> None:
         require(min(self.context, self.min_context, self.stride) >= 1,
                 "window.context, window.min_context and window.stride must be >= 1")
         require(self.min_context <= self.context, "window.min_context must be <= window.context")
+        require(self.min_coherence is None or self.min_coherence_quantile is None,
+                "set window.min_coherence or window.min_coherence_quantile, not both")
+        require(self.min_coherence is None or -1.0 <= self.min_coherence <= 1.0,
+                "window.min_coherence is a cosine: it must lie in [-1, 1]")
+        require(self.min_coherence_quantile is None or 0.0 <= self.min_coherence_quantile < 1.0,
+                "window.min_coherence_quantile must lie in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -117,10 +129,20 @@ class ModelConfig:
     # Default "decay": measured better than "last" on sotu (docs/results.md, ablation table).
     anchor: Literal["last", "decay"] = "decay"
     heads: int = 4  # transformer: attention heads; hidden / heads must be even (rotary pairs)
+    # Lane experts (lvm_ray.model.experts), the design's Phase-4: "none" = one output head;
+    # "hard" = one expert head per lane, picked by the lane of the last context concept; "soft" =
+    # a learned gate over the lane experts. Off by default (docs/results.md measures both).
+    experts: Literal["none", "hard", "soft"] = "none"
+    expert_lanes: int = 16  # experts = lanes (k-means lanes fit on train, or the corpus's lanes)
+    expert_hidden: int = 64  # hidden width of each expert head
 
     def __post_init__(self) -> None:
         require(min(self.d_in or 1, self.hidden, self.layers) >= 1 and self.slots >= 0,
                 "model.d_in, hidden, layers must be >= 1 and slots >= 0")
+        require(min(self.expert_lanes, self.expert_hidden) >= 1,
+                "model.expert_lanes and model.expert_hidden must be >= 1")
+        require(self.experts == "none" or self.kind != "transformer",
+                "model.experts is for the recurrent models (memory_gru, gru), not the transformer")
         require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         require(self.heads >= 1 and (self.kind != "transformer"
                                      or (self.hidden % self.heads == 0

@@ -20,9 +20,10 @@ CONFIGS = sorted((ROOT / "serve_configs").glob("*.yaml"))
 USER_CONFIGS = {"Router": RouterUserConfig, "Phase2Model": ModelUserConfig,
                 "Phase3Model": ModelUserConfig}
 # import path -> (its args, the deployments it builds)
-APPS = {"lvm_ray.serve.app:build_app": (AppArgs, {"Router", "Phase2Model", "Phase3Model",
-                                                  "TextEncoder"}),
-        "lvm_ray.serve.app:build_model_app": (ModelAppArgs, None)}
+HYBRID = {"Router", "Phase2Model", "Phase3Model", "TextEncoder"}
+APPS = {"lvm_ray.serve.app:build_app": (AppArgs, HYBRID),
+        "lvm_ray.serve.app:build_model_app": (ModelAppArgs, None),
+        "lvm_ray.serve.ensemble:build_app": (AppArgs, HYBRID)}
 
 
 def load(path: Path) -> dict:

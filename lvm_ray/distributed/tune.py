@@ -28,6 +28,7 @@ import torch
 from lvm_ray.config import Config, ConfigError, config_diff, from_dict, merge, to_dict
 from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank
+from lvm_ray.data.coherence import coherence_gate
 from lvm_ray.data.windows import check_windows, make_windows
 from lvm_ray.device import resolve_device
 from lvm_ray.distributed.trainer import build_trainer
@@ -100,6 +101,7 @@ def lvm_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
     val_ws = make_windows(bank, "val", cfg.window)
     for ws in (train_ws, val_ws):
         check_windows(bank, ws)
+    train_ws, _ = coherence_gate(bank.vectors, train_ws, cfg.window)
     if cfg.tune.workers_per_trial == 1:
         _fit_in_trial(cfg, bank, train_ws, val_ws, restored)
     else:

@@ -40,6 +40,9 @@ class Lanes:
     ids: np.ndarray  # (N,) int16, -1 = unknown
     source: str  # "corpus" or "kmeans(k=16, train)"
     labels: dict[int, list[str]]  # lane -> a few texts nearest its centroid (k-means only)
+    # (lanes, D) unit rows, lane order: the k-means centroids, or each corpus lane's mean training
+    # vector. Lane experts route an arbitrary vector by its nearest centroid.
+    centroids: np.ndarray | None = None
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> np.ndarray:
@@ -80,9 +83,13 @@ def assign(x: np.ndarray, centroids: np.ndarray, block: int = 8192) -> np.ndarra
 
 def bank_lanes(bank: ConceptBank, n_lanes: int = N_LANES, seed: int = 0) -> Lanes:
     """The bank's own lanes when every row has one, else k-means lanes fit on the train split."""
-    if len(bank.lanes) and (bank.lanes >= 0).all():
-        return Lanes(bank.lanes.astype(np.int16), "corpus", {})
     train = bank.split_rows("train")
+    if len(bank.lanes) and (bank.lanes >= 0).all():
+        ids = bank.lanes.astype(np.int16)
+        means = [bank.vectors[train[ids[train] == j]].sum(axis=0) for j in np.unique(ids)]
+        cent = np.stack(means).astype(np.float32)
+        cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+        return Lanes(ids, "corpus", {}, cent)
     if len(train) < n_lanes:
         raise ValueError(f"{len(train)} training concepts cannot make {n_lanes} lanes")
     cent = kmeans(bank.vectors[train], n_lanes, seed)
@@ -92,7 +99,7 @@ def bank_lanes(bank: ConceptBank, n_lanes: int = N_LANES, seed: int = 0) -> Lane
         rows = train[ids[train] == j]
         top = rows[np.argsort(-(bank.vectors[rows] @ cent[j]))[:3]]
         labels[j] = [str(bank.texts[r])[:80] for r in top]
-    return Lanes(ids, f"kmeans(k={n_lanes}, train)", labels)
+    return Lanes(ids, f"kmeans(k={n_lanes}, train)", labels, cent)
 
 
 def lane_metrics(hits: np.ndarray, target_lanes: np.ndarray, k: int = 5, bootstrap: int = 1000,

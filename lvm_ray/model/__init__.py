@@ -3,6 +3,7 @@
 from torch import nn
 
 from lvm_ray.config import ModelConfig
+from lvm_ray.model.experts import LaneExperts, set_lanes
 from lvm_ray.model.losses import info_nce, lvm_loss
 from lvm_ray.model.memory_gru import (
     GRUModel,
@@ -24,6 +25,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 __all__ = [
     "GRUModel",
+    "LaneExperts",
     "MemoryGRU",
     "RecurrentState",
     "TransformerLVM",
@@ -32,5 +34,6 @@ __all__ = [
     "count_parameters",
     "info_nce",
     "lvm_loss",
+    "set_lanes",
     "unwrap",
 ]

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from lvm_ray.config import ModelConfig
+from lvm_ray.model.experts import LaneExperts
 
 # Bounds on the memory's softmax temperature (scores are cosines in [-1, 1]): below 0.01 the read
 # collapses to a one-hot argmax, above 1 it is close to a uniform average.
@@ -149,7 +150,9 @@ def _anchors_all(context: Tensor, state: RecurrentState | None,
     return torch.stack(out, dim=1)
 
 
-def _make_head(cfg: ModelConfig) -> nn.Sequential:
+def _make_head(cfg: ModelConfig) -> nn.Module:
+    if cfg.experts != "none":
+        return LaneExperts(cfg, _DELTA_INIT_SCALE)
     H, D = cfg.hidden, cfg.d_in
     head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * H, D))
     if cfg.delta:
@@ -157,6 +160,19 @@ def _make_head(cfg: ModelConfig) -> nn.Sequential:
         nn.init.normal_(out.weight, std=_DELTA_INIT_SCALE / math.sqrt(out.in_features * D))
         nn.init.zeros_(out.bias)
     return head
+
+
+def _apply_head(head: nn.Module, z: Tensor, x_last: Tensor) -> Tensor:
+    """(..., H) features -> (..., D) head output; lane experts also route on the last input."""
+    return head(z, x_last) if isinstance(head, LaneExperts) else head(z)
+
+
+def _last_input(context: Tensor, lengths: Tensor | None) -> Tensor:
+    """Each row's last valid input vector. (B, D)."""
+    B, T, _ = context.shape
+    if lengths is None:
+        return context[:, -1]
+    return context[torch.arange(B, device=context.device), lengths.to(context.device) - 1]
 
 
 def _predict(cfg: ModelConfig, head_out: Tensor, anchor: Tensor) -> Tensor:
@@ -215,11 +231,12 @@ class MemoryGRU(nn.Module):
         attn = torch.softmax(q @ k.T / self.temperature(), dim=-1)  # (..., S)
         return attn @ self.mem_values  # (..., H)
 
-    def _out(self, h_top: Tensor, last: Tensor) -> Tensor:
-        """(..., H) top-layer state, (..., D) last input -> (..., D) unit prediction."""
+    def _out(self, h_top: Tensor, last: Tensor, x_last: Tensor) -> Tensor:
+        """(..., H) top-layer state, (..., D) anchor, (..., D) last input -> (..., D) unit
+        prediction."""
         z = torch.cat([h_top, self.read_memory(h_top)], dim=-1) if self.cfg.slots > 0 else h_top
         z = self.drop(F.gelu(self.fuse(z)))  # (..., H)
-        return _predict(self.cfg, self.head(z), last)
+        return _predict(self.cfg, _apply_head(self.head, z, x_last), last)
 
     def forward(
         self,
@@ -236,10 +253,10 @@ class MemoryGRU(nn.Module):
         if all_steps:
             out, h = _run_gru_all(self.in_norm, self.gru, context, state)
             anchors = _anchors_all(context, state, log_beta)  # (B, T, D)
-            return self._out(out, anchors), RecurrentState(h, anchors[:, -1])  # (B, T, D)
+            return self._out(out, anchors, context), RecurrentState(h, anchors[:, -1])
         h = _run_gru(self.in_norm, self.gru, context, state, lengths)
         state = RecurrentState(h, _anchor(context, state, lengths, log_beta))
-        return self._out(h[-1], state.last), state  # (B, D)
+        return self._out(h[-1], state.last, _last_input(context, lengths)), state  # (B, D)
 
     def step(self, x: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:
         """One new vector x (B, D) -> prediction (B, D), state."""
@@ -278,11 +295,14 @@ class GRUModel(nn.Module):
         if all_steps:
             out, h = _run_gru_all(self.in_norm, self.gru, context, state)
             anchors = _anchors_all(context, state, log_beta)  # (B, T, D)
-            pred = _predict(self.cfg, self.head(self.drop(out)), anchors)  # (B, T, D)
+            pred = _predict(self.cfg, _apply_head(self.head, self.drop(out), context),
+                            anchors)  # (B, T, D)
             return pred, RecurrentState(h, anchors[:, -1])
         h = _run_gru(self.in_norm, self.gru, context, state, lengths)
         state = RecurrentState(h, _anchor(context, state, lengths, log_beta))
-        pred = _predict(self.cfg, self.head(self.drop(h[-1])), state.last)  # (B, D)
+        z = self.drop(h[-1])  # (B, H)
+        pred = _predict(self.cfg, _apply_head(self.head, z, _last_input(context, lengths)),
+                        state.last)  # (B, D)
         return pred, state
 
     def step(self, x: Tensor, state: RecurrentState | None = None) -> tuple[Tensor, RecurrentState]:

@@ -6,6 +6,7 @@ session key when none is set, starts a local Ray in Serve's throughput-optimized
 where it actually listens.
 """
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -17,10 +18,13 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from lvm_ray.serve.app import make_app, make_model_app
+from lvm_ray.serve.ensemble import ENSEMBLE_APP, EnsembleServer
 from lvm_ray.serve.sessions import KEY_ENV, new_key
 
+# The apps run_config deploys, by import path: how each is built from (args, options).
 APPS = {"lvm_ray.serve.app:build_app": make_app,
-        "lvm_ray.serve.app:build_model_app": make_model_app}
+        "lvm_ray.serve.app:build_model_app": make_model_app,
+        ENSEMBLE_APP: functools.partial(make_app, model_deployment=EnsembleServer)}
 # Serve's throughput-optimized mode (RAY_NOTES.md, docs/serve.md "Fast settings"): user code
 # and the handle router on the replica's own event loop, gRPC between replicas, request logs
 # buffered, GC frozen after start-up. Safe here because nothing lvm_ray runs on a replica's event
@@ -50,7 +54,7 @@ def app_from_config(app: dict[str, Any]) -> Application:
                for d in app.get("deployments", [])}
     if build is make_model_app:  # one deployment: its options apply directly
         return make_model_app(app.get("args", {}), next(iter(options.values()), None))
-    return make_app(app.get("args", {}), options)
+    return build(app.get("args", {}), options)
 
 
 def serving_address() -> str:

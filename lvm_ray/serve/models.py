@@ -90,15 +90,12 @@ class ModelServer:
                  index: str = "Flat"):
         self.name = name
         self.checkpoint = checkpoint
-        ckpt_dir = localize(checkpoint)
         # The bank's index files are memory-mapped (shared by the replicas of a node); the app
         # builder made them, so a replica never builds one and refuses stale ones.
         files = localize(bank.rstrip("/") + ".index") if is_uri(bank) else None
-        self.predictor = Predictor.from_paths(ckpt_dir, localize(bank), device=device,
-                                              allow_bank_mismatch=allow_bank_mismatch,
-                                              index=index, build_index=False, index_files=files)
+        self.predictor, self.fingerprint, lanes_dir = self._open(
+            localize(checkpoint), localize(bank), device, allow_bank_mismatch, index, files)
         self.state_shape = self.predictor.session_shape()
-        self.fingerprint = checkpoint_fingerprint(self.predictor.meta)
         self.metrics = ModelMetrics()
         self.user = ModelUserConfig()
         self.append_step = self._set_append_step(self.user.append_step)
@@ -106,7 +103,17 @@ class ModelServer:
         # handle calls (appends come through the router).
         self.codec = (SessionCodec(resolve_key(session_key), ttl_s=self.user.session_ttl_s)
                       if session_key or os.environ.get(KEY_ENV) else None)
-        self.lanes, self.lanes_reason = _read_lanes(ckpt_dir)
+        self.lanes, self.lanes_reason = _read_lanes(lanes_dir)
+
+    @staticmethod
+    def _open(checkpoint: str, bank: str, device: str, allow_bank_mismatch: bool, index: str,
+              index_files: str | None) -> tuple[Any, str, str]:
+        """(predictor, its fingerprint, the directory of its lanes.json) for local paths; the
+        ensemble deployment (lvm_ray.serve.ensemble) opens an EnsemblePredictor instead."""
+        predictor = Predictor.from_paths(checkpoint, bank, device=device,
+                                         allow_bank_mismatch=allow_bank_mismatch, index=index,
+                                         build_index=False, index_files=index_files)
+        return predictor, checkpoint_fingerprint(predictor.meta), checkpoint
 
     def _set_append_step(self, step: str) -> str:
         return self.predictor.set_append_step(None if step == "eager" else step)

@@ -24,9 +24,10 @@ from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import WindowSet
 from lvm_ray.device import resolve_device
+from lvm_ray.eval.lanes import bank_lanes
 from lvm_ray.eval.metrics import evaluate, select_key
 from lvm_ray.eval.predict import predict_windows
-from lvm_ray.model import build_model
+from lvm_ray.model import build_model, set_lanes
 from lvm_ray.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from lvm_ray.train.step import (
     Collective,
@@ -97,6 +98,16 @@ class EarlyStopping:
     def from_state(cls, s: dict[str, Any]) -> "EarlyStopping":
         return cls(int(s["patience"]), float(s["best"]), int(s["best_epoch"]),
                    int(s["bad_epochs"]))
+
+
+def fit_lanes(model: torch.nn.Module, cfg: Config, bank: ConceptBank) -> None:
+    """Give lane experts their lanes: the evaluation's own lanes (k-means on the train split with
+    eval.seed, or the corpus's), so that per-lane Hit@5 is reported on the lanes they route by."""
+    cent = bank_lanes(bank, cfg.model.expert_lanes, cfg.eval.seed).centroids
+    if len(cent) != cfg.model.expert_lanes:
+        raise ValueError(f"the bank's corpus gives {len(cent)} lanes but model.expert_lanes="
+                         f"{cfg.model.expert_lanes}; set model.expert_lanes={len(cent)}")
+    set_lanes(model, torch.from_numpy(cent))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -205,6 +216,8 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     tc, device, coll = cfg.train, rt.device, rt.collective
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model).to(device)
+    if cfg.model.experts != "none":
+        fit_lanes(model, cfg, bank)
     opt = make_optimizer(model, tc)
     accum = accumulation_steps(tc, coll.world_size)
     spe = check_steps(len(rt.epoch_indices(0)), tc, coll.world_size)

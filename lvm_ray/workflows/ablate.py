@@ -66,6 +66,20 @@ ROWS: tuple[Row, ...] = (
     Row("longer_reg", "longer training, regularised: dropout 0.2, weight decay 0.01, lr 5e-4",
         {"train": {"max_train_windows": 4096, "max_epochs": 12, "lr": 5e-4,
                    "weight_decay": 0.01}, "model": {"dropout": 0.2}}),
+    # Issue 16: the coherence gate (training windows only), lane experts, and the base at the
+    # experts' parameter count (hidden 308: 1.374M, soft experts 1.374M, hard 1.370M).
+    Row("gate0", "coherence gate at the design's 0.0 (training windows only)",
+        {"window": {"min_coherence": 0.0}}),
+    Row("gate_keep75", "coherence gate keeping 75% of training windows (their 0.25-quantile)",
+        {"window": {"min_coherence_quantile": 0.25}}),
+    Row("gate_keep50", "coherence gate keeping 50% of training windows (their median)",
+        {"window": {"min_coherence_quantile": 0.5}}),
+    Row("experts_hard", "16 lane expert heads (width 64), hard routing by the last concept's lane",
+        {"model": {"experts": "hard"}}),
+    Row("experts_soft", "16 lane expert heads (width 64), a learned soft gate over the lanes",
+        {"model": {"experts": "soft"}}),
+    Row("base_matched", "base at the lane-expert rows' parameter count (hidden 308)",
+        {"model": {"hidden": 308}}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -118,6 +132,15 @@ def _pct(s: dict[str, Any], key: str) -> str:
     return out
 
 
+def _lanes_cell(s: dict[str, Any]) -> str:
+    """Per-lane Hit@5 in one cell: the worst lane, the mean over lanes, the canary verdict."""
+    if "lane_avg_hit@5" not in s:
+        return "n/a"
+    verdict = "passes" if s.get("lane_canary_ok") else (
+        "fails (confident)" if s.get("lane_canary_confident_fail") else "fails (within CI)")
+    return f"{100 * s['lane_min_hit@5']:.1f} / {100 * s['lane_avg_hit@5']:.1f}, {verdict}"
+
+
 def run_row(base: Config, row: Row, out_dir: Path, use_ray: bool = False,
             command: str = "", force: bool = False) -> dict[str, Any]:
     """Train and evaluate one row (or reuse its saved result). Returns the row's record."""
@@ -162,8 +185,8 @@ def table_markdown(records: list[dict[str, Any]], title: str, meta: dict[str, An
         pool = None
     pool_head = f"pool{pool}-Hit@5" if pool else "pool-Hit@5"
     lines += ["", f"| row | change | params | epoch | bank-Hit@5 | CA | {pool_head} | cosine | "
-              "margin | best baseline: bank-Hit@5 / CA | Δ bank-Hit@5 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "margin | best baseline: bank-Hit@5 / CA | Δ bank-Hit@5 | lanes: min / mean, "
+              "canary |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s, b = r["model"], r["baseline"]
         pk = f"pool{pool}_hit@5" if pool else "pool_hit@5"
@@ -172,7 +195,7 @@ def table_markdown(records: list[dict[str, Any]], title: str, meta: dict[str, An
             f"| {r['row']} | {r['change']} | {r['n_parameters'] or 0:,} | {r['best_epoch']} | "
             f"{_pct(s, 'bank_hit@5')} | {_pct(s, 'ca')} | {_pct(s, pk)} | {s['cosine']:.3f} | "
             f"{s['margin']:+.3f} | {r['best_baseline']}: {_pct(b, 'bank_hit@5')} / "
-            f"{_pct(b, 'ca')} | {delta:+.2f} |")
+            f"{_pct(b, 'ca')} | {delta:+.2f} | {_lanes_cell(s)} |")
     lines += ["", "Checkpoints and the commands that reproduce them:", ""]
     for r in records:
         lines.append(f"- **{r['row']}**: `{r['checkpoint']}`  \n  `{r['command']}`")

@@ -33,14 +33,14 @@ def evaluate_run(cfg: Config, bank: ConceptBank, ws: Windows, best: Path, run_di
     name = f"{cfg.run.name} ({cfg.model.kind})"
     eval_ws = ws.test if split == "test" else ws.val
     lanes = lanes_of(cfg, bank)
-    baselines = fit_baselines_logged(bank, ws.train, ws.val, cfg)
-    results = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, eval_ws, cfg,
-                                  None if lanes is None else lanes.ids, baselines=baselines)
+    baselines = fit_baselines_logged(bank, ws.baseline_train, ws.val, cfg)
+    results = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, eval_ws,
+                                  cfg, None if lanes is None else lanes.ids, baselines=baselines)
     # The val windows every epoch was scored on: the selection metric, with CIs, for the
     # baselines beside the model (the curves' horizontal lines and the verdict).
     select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
     val_eval = ws.val.sample(cfg.train.max_eval_windows, cfg.train.seed)
-    val = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, val_eval, cfg,
+    val = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, val_eval, cfg,
                               baselines=baselines)
     line = verdict(val[name], {b.name: val[b.name] for b in baselines}, select)
     say(line)
@@ -105,8 +105,8 @@ def evaluate_checkpoints(ckpts: dict[str, str], config_path: str | None = None,
         ccfg = with_bank_width(cfgs[name], bank)
         ws = prepare_windows(ccfg, bank)
         eval_ws = ws.test if split == "test" else ws.val
-        res = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, eval_ws, ccfg,
-                                  None if lanes is None else lanes.ids)
+        res = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, eval_ws,
+                                  ccfg, None if lanes is None else lanes.ids)
         if lanes is not None and split == "test":
             write_lanes(out_dir / name, lane_document(res, name, lanes, split))
         for k, v in res.items():
@@ -127,7 +127,8 @@ def evaluate_best_trial(best: dict[str, Any], cfg: Config, bank: ConceptBank,
     ck = load_checkpoint(best["checkpoint"])
     ws = prepare_windows(tcfg, bank)
     name = f"best trial {best['trial_id']} (L={best['context']}, alpha={best['alpha']:.3g})"
-    results = evaluate_on_windows({name: ck.model}, bank, ws.train, ws.val, ws.test, tcfg)
+    results = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, ws.test,
+                                  tcfg)
     metric = objective_metric(cfg)
     meta = {"split": "test", "checkpoint": best["checkpoint"], "epoch": ck.meta.get("epoch"),
             "selected by": f"{metric} = {100 * best[metric]:.2f}% on val",

@@ -9,6 +9,7 @@ from pathlib import Path
 from lvm_ray.config import Config
 from lvm_ray.console import say
 from lvm_ray.data.bank import BankError, ConceptBank, load_bank
+from lvm_ray.data.coherence import coherence_gate
 from lvm_ray.data.ingest import ingest
 from lvm_ray.data.windows import (WindowSet, check_split_disjoint, check_windows, make_windows,
                                   short_documents)
@@ -42,7 +43,6 @@ def ensure_bank(cfg: Config, use_ray: bool = False, overwrite: bool = False,
             f"({'reused' if res.reused else 'built'})")
     bank = load_bank(bank_path, lean=lean)
     check_split_disjoint(bank)
-    say_short_documents(cfg, bank)
     return bank
 
 
@@ -90,18 +90,28 @@ def read_bank(cfg: Config) -> ConceptBank:
 
 @dataclass
 class Windows:
-    train: WindowSet
+    train: WindowSet  # what the model trains on: after the coherence gate, if one is set
     val: WindowSet
     test: WindowSet
+    # Every training window, before the gate: the baselines fit on these, so a gated run is
+    # compared with the same baselines as an ungated one.
+    train_all: WindowSet | None = None
+
+    @property
+    def baseline_train(self) -> WindowSet:
+        return self.train if self.train_all is None else self.train_all
 
 
 def prepare_windows(cfg: Config, bank: ConceptBank) -> Windows:
-    """Cut and leakage-check the windows of every split."""
-    ws = Windows(*(make_windows(bank, s, cfg.window) for s in ("train", "val", "test")))
-    for w in (ws.train, ws.val, ws.test):
+    """Cut and leakage-check the windows of every split; gate the training windows."""
+    train, val, test = (make_windows(bank, s, cfg.window) for s in ("train", "val", "test"))
+    for w in (train, val, test):
         check_windows(bank, w)
     say_short_documents(cfg, bank)
+    gated, gate = coherence_gate(bank.vectors, train, cfg.window)
     say(f"windows (policy={cfg.window.policy}, L={cfg.window.context}, "
-        f"stride={cfg.window.stride}): train {len(ws.train)}, val {len(ws.val)}, "
-        f"test {len(ws.test)}; leakage check passed")
-    return ws
+        f"stride={cfg.window.stride}): train {len(train)}, val {len(val)}, "
+        f"test {len(test)}; leakage check passed")
+    if gate is not None:
+        say(gate.line())
+    return Windows(gated, val, test, train)
