@@ -18,7 +18,7 @@ from lvm_ray.serve.app import make_app
 from lvm_ray.serve.models import ModelServer
 
 
-class _FaultyModelServer(ModelServer.func_or_class):
+class FaultyModelServer(ModelServer):
     """ModelServer whose predict and append first sleep and/or fail, as the user_config says."""
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -48,9 +48,6 @@ class _FaultyModelServer(ModelServer.func_or_class):
         return await super().append(*args, **kwargs)
 
 
-FaultyModelServer = ModelServer.options(func_or_class=_FaultyModelServer)
-
-
 def build_app(args: dict[str, Any]) -> Application:
     """The product's app with both model deployments replaced by FaultyModelServer."""
-    return make_app(args, model_deployment=FaultyModelServer)
+    return make_app(args, model_class=FaultyModelServer)

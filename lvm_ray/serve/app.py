@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
-from ray.serve.deployment import Deployment
 
 from lvm_ray.config import IndexConfig, from_dict
 from lvm_ray.data.index import build_index_files
 from lvm_ray.serve.config import AppArgs, ModelAppArgs, ServedBankArgs
-from lvm_ray.serve.models import DEPLOYMENT_NAMES, ModelServer, TextEncoder
+from lvm_ray.serve.models import DEPLOYMENT_NAMES, ModelServer, TextEncoder, model_deployment
 from lvm_ray.serve.router import Router
 from lvm_ray.serve.routing import PHASE2, PHASE3
 from lvm_ray.serve.sessions import new_key
@@ -38,10 +37,11 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] | None = None,
-             model_deployment: Deployment = ModelServer) -> Application:
+             model_class: type = ModelServer) -> Application:
     """build_app with per-deployment option overrides for Python callers (tests, benchmarks),
     e.g. {"Router": {"user_config": {...}}}: what a serve config's `deployments` list does.
-    `model_deployment` replaces ModelServer for both models (a test harness's fault injection).
+    `model_class` (a ModelServer subclass) replaces ModelServer for both models: an ensemble, or
+    a test harness's fault injection.
     Paths are resolved here, in the process that builds the app; without a session key each
     build makes a fresh one."""
     a = args if isinstance(args, AppArgs) else from_dict(AppArgs, dict(args or {}), "args")
@@ -61,10 +61,11 @@ def make_app(args: dict[str, Any] | AppArgs, options: dict[str, dict[str, Any]] 
         phase2, phase3 = (model_app_name(a.model_apps, m) for m in (PHASE2, PHASE3))
     else:
         _prepare_index(a, bank)
-        phase2 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
+        deployment = model_deployment(model_class)
+        phase2 = deployment.options(**opts(DEPLOYMENT_NAMES[PHASE2])).bind(
             PHASE2, path(a.phase2_checkpoint), bank, a.device, key, a.allow_bank_mismatch,
             a.index)
-        phase3 = model_deployment.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
+        phase3 = deployment.options(**opts(DEPLOYMENT_NAMES[PHASE3])).bind(
             PHASE3, path(a.phase3_checkpoint), bank, a.device, key, a.allow_bank_mismatch,
             a.index)
     encoder = TextEncoder.options(**opts("TextEncoder")).bind(bank, a.encoder)
@@ -100,8 +101,8 @@ def build_model_app(args: dict[str, Any]) -> Application:
     return make_model_app(args)
 
 
-def make_model_app(args: dict[str, Any] | ModelAppArgs, options: dict[str, Any] | None = None,
-                   model_deployment: Deployment = ModelServer) -> Application:
+def make_model_app(args: dict[str, Any] | ModelAppArgs,
+                   options: dict[str, Any] | None = None) -> Application:
     a = args if isinstance(args, ModelAppArgs) else from_dict(ModelAppArgs, dict(args or {}),
                                                               "args")
     key = os.environ.get("LVM_SESSION_KEY") or a.session_key
@@ -113,7 +114,8 @@ def make_model_app(args: dict[str, Any] | ModelAppArgs, options: dict[str, Any] 
 
     bank = path(a.bank)
     _prepare_index(a, bank)
-    return model_deployment.options(name=DEPLOYMENT_NAMES[a.model], **(options or {})).bind(
+    deployment = model_deployment(ModelServer, ingress=True)
+    return deployment.options(name=DEPLOYMENT_NAMES[a.model], **(options or {})).bind(
         a.model, path(a.checkpoint), bank, a.device, key, a.allow_bank_mismatch, a.index)
 
 

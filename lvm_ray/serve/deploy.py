@@ -24,7 +24,7 @@ from lvm_ray.serve.sessions import KEY_ENV, new_key
 # The apps run_config deploys, by import path: how each is built from (args, options).
 APPS = {"lvm_ray.serve.app:build_app": make_app,
         "lvm_ray.serve.app:build_model_app": make_model_app,
-        ENSEMBLE_APP: functools.partial(make_app, model_deployment=EnsembleServer)}
+        ENSEMBLE_APP: functools.partial(make_app, model_class=EnsembleServer)}
 # Serve's throughput-optimized mode (RAY_NOTES.md, docs/serve.md "Fast settings"): user code
 # and the handle router on the replica's own event loop, gRPC between replicas, request logs
 # buffered, GC frozen after start-up. Safe here because nothing lvm_ray runs on a replica's event

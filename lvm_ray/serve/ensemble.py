@@ -13,8 +13,6 @@ writes one, weights chosen on val) or a plain checkpoint directory (a one-member
 from pathlib import Path
 from typing import Any
 
-from ray import serve
-
 from lvm_ray.serve.app import make_app
 from lvm_ray.serve.fusion import EnsemblePredictor, read_spec
 from lvm_ray.serve.models import ModelServer
@@ -22,7 +20,7 @@ from lvm_ray.serve.models import ModelServer
 ENSEMBLE_APP = "lvm_ray.serve.ensemble:build_app"
 
 
-class _EnsembleServer(ModelServer.func_or_class):
+class EnsembleServer(ModelServer):
     """ModelServer over every member of an ensemble (or one checkpoint) + the concept bank."""
 
     @staticmethod
@@ -45,10 +43,7 @@ class _EnsembleServer(ModelServer.func_or_class):
                 "ensemble": {k: i[k] for k in ("ensemble", "fusion", "weights", "members")}}
 
 
-EnsembleServer = ModelServer.options(func_or_class=_EnsembleServer)
-
-
 def build_app(args: dict[str, Any]):
     """The hybrid app with EnsembleServer for both models: what serve_configs/ensemble.yaml
     imports. Same args as lvm_ray.serve.app:build_app; each checkpoint may be an ensemble.json."""
-    return make_app(args, model_deployment=EnsembleServer)
+    return make_app(args, model_class=EnsembleServer)

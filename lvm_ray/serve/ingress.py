@@ -8,6 +8,7 @@ Plain Starlette / protobuf / numpy, no Ray: testable on its own.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -33,9 +34,11 @@ class BodyTooLarge(RequestError):
     headers = {"connection": "close"}
 
 
-async def _drain(request: Request, already: int) -> None:
+async def _drain(stream: AsyncIterator[bytes], already: int) -> None:
+    """Read the rest of `stream` (one request.stream(): Starlette refuses a second) and drop it,
+    up to DRAIN_BYTES in all."""
     seen = already
-    async for chunk in request.stream():
+    async for chunk in stream:
         seen += len(chunk)
         if seen > DRAIN_BYTES:
             return
@@ -47,16 +50,17 @@ async def read_body(request: Request, cap: int) -> bytes:
     a server that answers while the client is still sending and then closes the socket makes the
     client's kernel reset the connection, and the client never reads the answer."""
     declared = request.headers.get("content-length")
+    stream = request.stream()
     if declared and declared.isdigit() and int(declared) > cap:
-        await _drain(request, 0)
+        await _drain(stream, 0)
         raise BodyTooLarge(413, f"request body is {declared} bytes; the limit is {cap} "
                                 "(user_config max_body_bytes); send vectors_b64, fewer "
                                 "vectors, or use a session")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         size += len(chunk)
         if size > cap:
-            await _drain(request, size)
+            await _drain(stream, size)
             raise BodyTooLarge(413, f"request body exceeds {cap} bytes (user_config "
                                     "max_body_bytes)")
         chunks.append(chunk)

@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.deployment import Deployment
 
 from lvm_ray.config import EncoderConfig, from_dict, to_dict
 from lvm_ray.data.bank import read_bank_meta
@@ -75,15 +76,10 @@ async def _session_error(_: Request, e: SessionError) -> JSONResponse:
     return JSONResponse({"detail": str(e)}, status_code=e.status)
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-    health_check_period_s=5,
-)
-@serve.ingress(model_api)
 class ModelServer:
-    """One checkpoint + the concept bank (FAISS index) behind @serve.batch methods."""
+    """One checkpoint + the concept bank (FAISS index) behind @serve.batch methods. A plain
+    class: model_deployment() makes it a deployment, an HTTP / gRPC ingress too when it is its
+    own application (Serve allows one FastAPI ingress per application: the router's, otherwise)."""
 
     def __init__(self, name: str, checkpoint: str, bank: str, device: str = "cpu",
                  session_key: str | None = None, allow_bank_mismatch: bool = False,
@@ -280,6 +276,26 @@ class ModelServer:
                       append_url=f"/{serve.get_replica_context().app_name}"
                                  f"/v1/sessions/{state.session_id}/append")
         return result
+
+
+# ModelServer as its own application's ingress (model_api: direct session appends). Made once:
+# serve.ingress binds model_api's routes to the class it wraps, in place.
+_ModelServerIngress = serve.ingress(model_api)(ModelServer)
+
+
+def model_deployment(cls: type = ModelServer, ingress: bool = False) -> Deployment:
+    """`cls` (ModelServer or a subclass: an ensemble, a test's fault injection) as a Serve
+    deployment inside the router's application; with ingress, ModelServer as its own
+    application, serving model_api too."""
+    if ingress and cls is not ModelServer:
+        raise ValueError(f"a model application serves ModelServer, not {cls.__name__}: deploy "
+                         "it inside the router's application (model_apps: null)")
+    return serve.deployment(
+        ray_actor_options={"num_cpus": 0.25},
+        max_ongoing_requests=64,
+        autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+        health_check_period_s=5,
+    )(_ModelServerIngress if ingress else cls)
 
 
 # ----------------------------------------------------------------------------- encoder
