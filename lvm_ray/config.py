@@ -166,10 +166,17 @@ class LossConfig:
     # out (the evaluation never ranks against it); "none": InfoNCE off.
     negatives: Literal["gathered", "local", "bank", "none"] = "gathered"
     bank_negatives: int = 4096
+    # Harder negatives: each training row also ranks its target against the N concepts that
+    # follow it in its own document (what the model confuses with the truth: same speech, same
+    # topic, a little later), beside the shared negatives above. 0 = off.
+    hard_negatives: int = 0
 
     def __post_init__(self) -> None:
         require(self.temperature > 0, "loss.temperature must be > 0")
         require(self.bank_negatives >= 1, "loss.bank_negatives must be >= 1")
+        require(self.hard_negatives >= 0, "loss.hard_negatives must be >= 0")
+        require(self.hard_negatives == 0 or (self.negatives != "none" and self.alpha > 0),
+                "loss.hard_negatives needs InfoNCE on (loss.negatives != none, loss.alpha > 0)")
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,10 @@ class TrainConfig:
     # all_steps: only each window's last `step_targets` steps are targets (the GRU still reads the
     # whole context), so long contexts (500, 1000) cost the loss no more than L=100 does.
     step_targets: int = 100
+    # Start from this checkpoint's weights (weights only: a fresh optimiser, schedule and early
+    # stopping), e.g. fine-tune a general model on one corpus. Its model config must match
+    # model.* except dropout.
+    init_from: str | None = None
     seed: int = 0
     device: str = "auto"
     # The vectors the workers train on: "float16" halves the shared copy (the object store's and

@@ -148,7 +148,7 @@ def test_bank_negatives_mask_exactly_the_windows_context_and_target():
     cfg = LossConfig(negatives="bank", bank_negatives=50)
     pool = torch.from_numpy(bank.vectors[ws.rows])
     torch.manual_seed(1)
-    pred, target, negs, mask = _rows_and_mask(model, b, cfg, pool)
+    pred, target, negs, mask, _, _ = _rows_and_mask(model, b, cfg, pool)
     torch.manual_seed(1)
     drawn = torch.randint(len(pool), (50,))  # the same draw _rows_and_mask made
     n = int(ws.lengths[idx].sum())
@@ -180,9 +180,69 @@ def test_step_targets_keep_only_each_windows_last_steps():
     idx = np.array([0, 3, 40])  # windows shorter and longer than 3
     b = to_batch(bank.vectors, ws, idx, torch.device("cpu"), all_steps=True, step_targets=3)
     model = build_model(ModelConfig(d_in=16, hidden=8, layers=1, slots=0))
-    pred, target, negs, mask = _rows_and_mask(model, b, LossConfig(negatives="local"), None)
+    pred, target, negs, mask, _, _ = _rows_and_mask(model, b, LossConfig(negatives="local"), None)
     lengths = ws.lengths[idx]
     assert len(pred) == int(np.minimum(lengths, 3).sum()) and negs is None
     q = np.concatenate([np.arange(e - min(e - s, 3) + 1, e + 1)
                         for s, e in zip(ws.start[idx], ws.end[idx])])
     np.testing.assert_array_equal(target.numpy(), bank.vectors[ws.rows[q]])
+
+
+def test_info_nce_row_negatives_match_a_per_row_reference():
+    """Each row's own negatives join its candidates (masked ones do not), exactly as a per-row
+    cross-entropy over [shared candidates ; that row's unmasked negatives] computes it."""
+    torch.manual_seed(3)
+    pred, target = torch.randn(4, 8), torch.randn(4, 8)
+    rows = torch.randn(4, 3, 8)
+    row_mask = torch.tensor([[False, False, True], [True, True, True],
+                             [False, False, False], [False, True, False]])
+    got = float(info_nce(pred, target, 0.1, row_negatives=rows, row_mask=row_mask))
+    total = 0.0
+    for i in range(4):
+        cands = torch.cat([target, rows[i][~row_mask[i]]])
+        logits = F.normalize(pred[i], dim=-1) @ F.normalize(cands, dim=-1).T / 0.1
+        total += float(torch.logsumexp(logits, 0) - logits[i])
+    assert got == pytest.approx(total / 4, rel=1e-5)
+    assert got > float(info_nce(pred, target, 0.1))  # more negatives, larger loss
+    with pytest.raises(ValueError, match="row_negatives must be"):
+        info_nce(pred, target, 0.1, row_negatives=rows[:3])
+
+
+def test_hard_negatives_are_the_concepts_after_the_target_in_its_document():
+    """Row q's hard negatives are split positions q+1 .. q+H; those past the end of q's document
+    (and copies of the target's own vector) are masked out."""
+    from lvm_ray.config import ModelConfig, WindowConfig
+    from lvm_ray.data.synthetic import make_synthetic_bank
+    from lvm_ray.data.windows import document_ends, make_windows
+    from lvm_ray.model import build_model
+    from lvm_ray.train.step import _rows_and_mask, to_batch
+
+    bank = make_synthetic_bank(n_docs=6, doc_len=(20, 30), dim=16, seed=0)
+    ws = make_windows(bank, "train", WindowConfig(context=8, min_context=2))
+    ends = document_ends(bank, ws.rows)
+    docs = bank.doc_ids[ws.rows]
+    for t in (0, 7, len(ws.rows) - 1):  # the reference: the first later row of another doc
+        later = np.flatnonzero(docs[t:] != docs[t])
+        assert ends[t] == (t + later[0] if len(later) else len(ws.rows))
+    idx = np.array([0, 5, len(ws) - 1])  # the last window's target ends its document
+    b = to_batch(bank.vectors, ws, idx, torch.device("cpu"), all_steps=True)
+    model = build_model(ModelConfig(d_in=16, hidden=8, layers=1, slots=2))
+    pool = torch.from_numpy(bank.vectors[ws.rows])
+    cfg = LossConfig(negatives="local", hard_negatives=4)
+    pred, target, _, mask, hard, hard_mask = _rows_and_mask(model, b, cfg, pool,
+                                                            torch.from_numpy(ends))
+    q = np.concatenate([np.arange(s + 1, e + 1) for s, e in zip(ws.start[idx], ws.end[idx])])
+    assert hard.shape == (len(q), 4, 16) and hard_mask.shape == (len(q), 4)
+    for r, qq in enumerate(q):
+        for j in range(4):
+            pos = qq + 1 + j
+            inside = pos < ends[qq]
+            assert bool(hard_mask[r, j]) == (not inside)
+            if inside:
+                np.testing.assert_array_equal(hard[r, j].numpy(), bank.vectors[ws.rows[pos]])
+    assert bool(hard_mask[-1].all())  # the document's last target has nothing after it
+    loss_hard, _ = lvm_loss(pred, target, cfg, mask=mask, row_negatives=hard, row_mask=hard_mask)
+    loss_plain, _ = lvm_loss(pred, target, LossConfig(negatives="local"), mask=mask)
+    assert float(loss_hard) > float(loss_plain)
+    with pytest.raises(ValueError, match="document ends"):
+        _rows_and_mask(model, b, cfg, pool, None)

@@ -150,3 +150,31 @@ def test_resume_after_crash_ends_where_an_uninterrupted_run_ends(tmp_path, synth
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["val_bank_hit@5"] == b["val_bank_hit@5"]
     assert resumed["best_epoch"] == full["best_epoch"]
+
+
+def test_init_from_starts_from_the_checkpoints_weights(tmp_path, synthetic_bank):
+    """train.init_from loads weights only: the fresh model equals the checkpoint's weights before
+    its first step; a checkpoint of another architecture is refused."""
+    from lvm_ray.config import merge
+    from lvm_ray.train.checkpoint import load_checkpoint
+    from lvm_ray.train.loop import init_weights, with_bank_width
+
+    cfg = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 1}})
+    ws = prepare_windows(cfg, synthetic_bank)
+    src = fit_local(cfg, synthetic_bank, ws.train, ws.val, tmp_path / "src")["best_checkpoint"]
+    trained = load_checkpoint(src).model.state_dict()
+    mcfg = with_bank_width(cfg, synthetic_bank).model
+    torch.manual_seed(123)
+    fresh = build_model(merge(mcfg, {"dropout": 0.3}))  # dropout may differ
+    assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())
+    init_weights(fresh, merge(mcfg, {"dropout": 0.3}), src)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())
+    with pytest.raises(ValueError, match="hidden"):
+        init_weights(build_model(merge(mcfg, {"hidden": 16})), merge(mcfg, {"hidden": 16}), src)
+    # Through fit: one epoch at lr ~0 from the checkpoint keeps its val score.
+    tiny = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 1, "lr": 1e-12,
+                                                                "init_from": src}})
+    res = fit_local(tiny, synthetic_bank, ws.train, ws.val, tmp_path / "ft")
+    first = fit_local(cfg, synthetic_bank, ws.train, ws.val, tmp_path / "again")
+    assert res["history"][0]["val_bank_hit@5"] == pytest.approx(
+        first["history"][0]["val_bank_hit@5"])

@@ -133,6 +133,20 @@ def make_windows(bank: ConceptBank, split: str, cfg: WindowConfig) -> WindowSet:
     return WindowSet(split, rows, start[ok], end, cfg.context, cfg.policy)
 
 
+def document_ends(bank: ConceptBank, rows: np.ndarray) -> np.ndarray:
+    """For each position t of a split's rows, the end (exclusive, an index into rows) of t's
+    document: positions t+1 .. end-1 are the concepts that follow t in its own document.
+    (S,) int64."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros(0, np.int64)
+    docs = bank.doc_ids[rows]
+    last = np.ones(len(rows), dtype=bool)  # t is the last row of its document
+    last[:-1] = docs[1:] != docs[:-1]
+    ends = np.where(last, np.arange(1, len(rows) + 1), len(rows))
+    return np.minimum.accumulate(ends[::-1])[::-1].astype(np.int64)
+
+
 def short_documents(bank: ConceptBank, cfg: WindowConfig) -> tuple[int, int]:
     """(documents, concepts) that give no window under the `document` policy: documents of at
     most min_context concepts have no target after a long enough context. (0, 0) for `stream`,

@@ -94,8 +94,8 @@ def bank_lanes(bank: ConceptBank, n_lanes: int = N_LANES, seed: int = 0) -> Lane
         raise ValueError(f"{len(train)} training concepts cannot make {n_lanes} lanes")
     cent = kmeans(bank.vectors[train], n_lanes, seed)
     ids = assign(bank.vectors, cent)
-    labels = {}
-    for j in range(n_lanes):
+    labels = {}  # a lane's three most central training texts (none in a texts-free lean bank)
+    for j in range(n_lanes if bank.texts is not None else 0):
         rows = train[ids[train] == j]
         top = rows[np.argsort(-(bank.vectors[rows] @ cent[j]))[:3]]
         labels[j] = [str(bank.texts[r])[:80] for r in top]

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvm_ray.config import Config, TrainConfig, to_dict
+from lvm_ray.config import Config, ModelConfig, TrainConfig, to_dict
 from lvm_ray.console import say
 from lvm_ray.data.bank import ConceptBank
-from lvm_ray.data.windows import WindowSet
+from lvm_ray.data.windows import WindowSet, document_ends
 from lvm_ray.device import resolve_device
 from lvm_ray.eval.lanes import bank_lanes
 from lvm_ray.eval.metrics import evaluate, select_key
@@ -202,6 +202,16 @@ class RowPool:
             return self.on_device[c.to(self.device)]
         rows = self.rows[c.numpy()]
         return torch.from_numpy(self.vectors[rows].astype(np.float32)).to(self.device)
+def init_weights(model: torch.nn.Module, model_cfg: ModelConfig, path: str | Path) -> None:
+    """train.init_from: copy checkpoint `path`'s weights into `model` (weights only). Its model
+    config must equal model_cfg except dropout (a fine-tune may regularise differently)."""
+    ck = load_checkpoint(path, device="cpu")
+    theirs, ours = to_dict(ck.model_config), to_dict(model_cfg)
+    diff = sorted(k for k in ours if k != "dropout" and theirs.get(k) != ours[k])
+    if diff:
+        raise ValueError(f"train.init_from={path}: its model config differs from model.* in "
+                         + ", ".join(f"{k} ({theirs.get(k)!r} vs {ours[k]!r})" for k in diff))
+    model.load_state_dict(ck.model.state_dict())
 
 
 def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
@@ -215,9 +225,13 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     cfg = with_bank_width(cfg, bank)
     tc, device, coll = cfg.train, rt.device, rt.collective
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
     if cfg.model.experts != "none":
         fit_lanes(model, cfg, bank)
+    if tc.init_from and rt.resume_from is None:
+        init_weights(model, cfg.model, tc.init_from)
+        log.info("weights from %s (train.init_from)", tc.init_from)
+    model = model.to(device)
     opt = make_optimizer(model, tc)
     accum = accumulation_steps(tc, coll.world_size)
     spe = check_steps(len(rt.epoch_indices(0)), tc, coll.world_size)
@@ -245,9 +259,11 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
     bank = training_bank(bank, tc)
     vectors = bank.vectors
-    # Bank negatives are drawn from the training split's rows, indexed like window positions.
-    negative_pool = (RowPool(vectors, train_ws.rows, device)
-                     if cfg.loss.negatives == "bank" else None)
+    # Bank and hard negatives are the training split's rows, indexed like window positions.
+    use_pool = cfg.loss.negatives == "bank" or cfg.loss.hard_negatives > 0
+    negative_pool = RowPool(vectors, train_ws.rows, device) if use_pool else None
+    doc_end = (torch.from_numpy(document_ends(bank, train_ws.rows))
+               if cfg.loss.hard_negatives > 0 else None)
     summary: dict[str, Any] = {}
 
     for epoch in range(start_epoch, tc.max_epochs):
@@ -264,7 +280,8 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         totals: dict[str, float] = {}
         n_steps = 0
         for group in groups_of(micro, accum):
-            s = train_group(model, group, opt, sched, cfg.loss, tc, coll, negative_pool)
+            s = train_group(model, group, opt, sched, cfg.loss, tc, coll, negative_pool,
+                            doc_end)
             for k, v in s.items():
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1

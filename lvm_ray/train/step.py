@@ -110,13 +110,16 @@ def to_batch(vectors: np.ndarray, ws: WindowSet, idx: np.ndarray, device: torch.
 
 
 def _rows_and_mask(model: torch.nn.Module, b: Batch, loss_cfg: LossConfig,
-                   negative_pool: torch.Tensor | None):
-    """The training rows of one micro-batch for the all-steps objective or bank negatives:
-    pred, target (N, D), bank negatives (K, D) or None, and the InfoNCE mask (N, N+K).
+                   negative_pool: torch.Tensor | None, doc_end: torch.Tensor | None = None):
+    """The training rows of one micro-batch for the all-steps objective, bank or hard negatives:
+    pred, target (N, D), bank negatives (K, D) or None, the InfoNCE mask (N, N+K), and each
+    row's hard negatives (N, H, D) with their mask (N, H), or None, None.
 
     Every target and negative is a position in the split's rows, so the mask removes, per row,
     exactly what the evaluation excludes: the row's own context (positions start .. q-1) and
-    its target position q (a duplicate of the positive from an overlapping window)."""
+    its target position q (a duplicate of the positive from an overlapping window). Row q's
+    hard negatives are positions q+1 .. q+H of negative_pool (the split's vectors), masked past
+    doc_end[q] (S,), the end of q's document."""
     B, T, _ = b.ctx.shape
     start = b.start.to(torch.int64)  # (B,)
     if b.step_target is not None:
@@ -140,19 +143,33 @@ def _rows_and_mask(model: torch.nn.Module, b: Batch, loss_cfg: LossConfig,
         cand = torch.cat([q, c])
     mask = (cand[None, :] >= s[:, None]) & (cand[None, :] <= q[:, None])  # (N, N+K)
     mask[torch.arange(len(q)), torch.arange(len(q))] = False
-    return pred, target, negatives, mask.to(pred.device)
+    hard = hard_mask = None
+    if loss_cfg.hard_negatives > 0:
+        if negative_pool is None or doc_end is None:
+            raise ValueError("loss.hard_negatives needs the split's vectors and document ends")
+        h = q[:, None] + 1 + torch.arange(loss_cfg.hard_negatives)[None, :]  # (N, H)
+        past_end = h >= doc_end[q][:, None]
+        hard = negative_pool[h.clamp(max=len(negative_pool) - 1).to(negative_pool.device)]
+        # The target's own text later in the document is no negative (the evaluation counts
+        # such ties in the target's favour).
+        same = torch.einsum("nhd,nd->nh", hard, target.detach()) > 1.0 - 1e-6
+        hard_mask = past_end.to(pred.device) | same  # (N, H)
+    return pred, target, negatives, mask.to(pred.device), hard, hard_mask
 
 
 def train_group(model: torch.nn.Module, group: list[Batch], opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, loss_cfg: LossConfig,
                 train_cfg: TrainConfig, collective: Collective,
-                negative_pool: torch.Tensor | None = None) -> dict[str, float]:
+                negative_pool: torch.Tensor | None = None,
+                doc_end: torch.Tensor | None = None) -> dict[str, float]:
     """One optimiser step over an accumulation group of micro-batches.
 
     InfoNCE negatives: with `gathered`, every micro-step sees the targets of the whole global
     batch (all micro-batches of the group on all workers), not just its own micro-batch; with
     `bank`, its own targets plus samples of negative_pool (the training split's vectors, (S, D)).
-    Batches carrying step targets train on every step (the all-steps objective)."""
+    With hard_negatives, each row also sees the concepts after its target in its document
+    (doc_end (S,): document_ends of the split). Batches carrying step targets train on every
+    step (the all-steps objective)."""
     n = len(group)
     if loss_cfg.negatives == "gathered" and loss_cfg.alpha > 0:
         local = torch.cat([b.target for b in group])  # (n*B, D)
@@ -170,13 +187,16 @@ def train_group(model: torch.nn.Module, group: list[Batch], opt: torch.optim.Opt
         sync = contextlib.nullcontext() if j == n - 1 or not hasattr(model, "no_sync") \
             else model.no_sync()
         with sync:
-            if b.step_target is not None or loss_cfg.negatives == "bank":
-                pred, target, negs, mask = _rows_and_mask(model, b, loss_cfg, negative_pool)
+            if (b.step_target is not None or loss_cfg.negatives == "bank"
+                    or loss_cfg.hard_negatives > 0):
+                pred, target, negs, mask, hard, hard_mask = _rows_and_mask(
+                    model, b, loss_cfg, negative_pool, doc_end)
                 if negs is None and extra is not None:
                     # Gathered targets of other micro-batches carry no positions: keep them all.
                     negs = extra
                     mask = torch.cat([mask, mask.new_zeros(len(mask), len(extra))], dim=1)
-                loss, parts = lvm_loss(pred, target, loss_cfg, extra_negatives=negs, mask=mask)
+                loss, parts = lvm_loss(pred, target, loss_cfg, extra_negatives=negs, mask=mask,
+                                       row_negatives=hard, row_mask=hard_mask)
             else:
                 pred, _ = model(b.ctx, lengths=b.lengths)
                 loss, parts = lvm_loss(pred, b.target, loss_cfg, extra_negatives=extra)
