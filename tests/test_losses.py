@@ -243,6 +243,6 @@ def test_hard_negatives_are_the_concepts_after_the_target_in_its_document():
     assert bool(hard_mask[-1].all())  # the document's last target has nothing after it
     loss_hard, _ = lvm_loss(pred, target, cfg, mask=mask, row_negatives=hard, row_mask=hard_mask)
     loss_plain, _ = lvm_loss(pred, target, LossConfig(negatives="local"), mask=mask)
-    assert float(loss_hard) > float(loss_plain)
+    assert float(loss_hard.detach()) > float(loss_plain.detach())
     with pytest.raises(ValueError, match="document ends"):
         _rows_and_mask(model, b, cfg, pool, None)
