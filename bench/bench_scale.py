@@ -385,7 +385,9 @@ def row_cells(r: dict, i: dict, sf: dict, sa: dict, lat, ann: str) -> list[str]:
         f"{sf.get('serving_pss_gb', 0):.2f} / {sa.get('serving_pss_gb', 0):.2f}" if sa else "-"]
 
 
-def report(rows: list[dict], ann: str, command: str) -> None:
+def report(rows: list[dict], ann: str, command: str, section: str = "scale") -> None:
+    """The section (the curve's own, "scale", also writes its plot and JSON; another name is a
+    re-run of some sizes beside it)."""
     headers = ["size", "ingest s (GB)", "load+windows s (GB)",
                "train ms/step (epoch s, GB median / peak)",
                "exact eval s (GB)", f"{ann} build s", "recall@10", "serve start s",
@@ -438,6 +440,11 @@ Search alone (in process, batch 1): {"; ".join(
 
 ![time and memory against N](docs/img/scale.png)
 """
+    if section != "scale":
+        write_section(section, f"Scale: a re-run ({', '.join(r['label'] for r in rows)})",
+                      body.replace("![time and memory against N](docs/img/scale.png)", ""),
+                      command)
+        return
     write_section("scale", "Scale: time and memory against the number of concepts", body,
                   command)
     (ROOT / "bench" / "scale_results.json").write_text(
@@ -527,6 +534,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="10k,100k,1m,640kx768")
     ap.add_argument("--ann", default="HNSW32", help="FAISS index_factory string of the ANN index")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--section", default="scale",
+                    help="BENCHMARKS.md section to write; not 'scale': a re-run of some sizes "
+                         "beside the curve (no plot)")
     ap.add_argument("--only-train", action="store_true",
                     help="ingest, windows and training only; writes the scale_train section")
     ap.add_argument("--fp16-check", action="store_true",
@@ -564,6 +574,9 @@ def main() -> None:
     command = "python bench/bench_scale.py " + " ".join(sys.argv[1:])
     if args.only_train:
         report_train(rows, command)
+        return
+    if args.section != "scale":
+        report(rows, args.ann, command, args.section)
         return
     plot(rows, args.ann)
     report(rows, args.ann, "make bench-scale  # " + command)
