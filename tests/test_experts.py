@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvm_ray.config import ModelConfig, WindowConfig, load_config
+from lvm_ray.config import WindowConfig, load_config
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import gather_batch, make_windows
 from lvm_ray.eval.lanes import bank_lanes

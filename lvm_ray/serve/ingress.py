@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
@@ -20,12 +22,29 @@ from lvm_ray.serve.config import RequestLimits
 from lvm_ray.serve.protos import lvm_pb2
 from lvm_ray.serve.schemas import (Context, RequestError, check_count, check_texts,
                                    decode_context, parse_request)
-from lvm_ray.serve.sessions import SessionCodec, SessionState, SessionUnknown
+from lvm_ray.serve.sessions import SessionCodec, SessionError, SessionState, SessionUnknown
 from lvm_ray.predictor import vector_problem
 
 # An over-limit body is still read (and dropped) up to this many bytes, so the client gets to
 # read the 413 instead of a connection reset; past it the answer also closes the connection.
 DRAIN_BYTES = 64 * 1024 * 1024
+
+
+def http_api(title: str, description: str) -> FastAPI:
+    """A FastAPI app whose RequestError / SessionError become JSON {"detail": message} answers
+    with their status (and headers: a 413's Connection: close)."""
+    api = FastAPI(title=title, version="1", description=description)
+
+    @api.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": e.detail}, status_code=e.status,
+                            headers=getattr(e, "headers", None))
+
+    @api.exception_handler(SessionError)
+    async def _session_error(_: Request, e: SessionError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=e.status)
+
+    return api
 
 
 class BodyTooLarge(RequestError):

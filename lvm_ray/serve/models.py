@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.deployment import Deployment
@@ -60,20 +60,9 @@ def _client_error(status: int, detail: str) -> dict[str, Any]:
     return {"error": detail, "status": status}
 
 
-model_api = FastAPI(title="lvm_ray model", version="1",
-                    description="A model's own session-append endpoint (no router hop). Open "
-                                "sessions at the router; its answer's append_url points here.")
-
-
-@model_api.exception_handler(RequestError)
-async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-    return JSONResponse({"detail": e.detail}, status_code=e.status,
-                        headers=getattr(e, "headers", None))
-
-
-@model_api.exception_handler(SessionError)
-async def _session_error(_: Request, e: SessionError) -> JSONResponse:
-    return JSONResponse({"detail": str(e)}, status_code=e.status)
+model_api = ingress.http_api("lvm_ray model", "A model's own session-append endpoint (no router "
+                             "hop). Open sessions at the router; its answer's append_url points "
+                             "here.")
 
 
 class ModelServer:

@@ -17,7 +17,7 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
@@ -42,20 +42,8 @@ from lvm_ray.serve.schemas import (
 )
 from lvm_ray.serve.sessions import SessionCodec, SessionError, SessionState, resolve_key
 
-api = FastAPI(title="lvm_ray", version="1",
-              description="Next-concept prediction with latent vector models (Phase-2 / Phase-3 "
-                          "hybrid routing, sessions). Errors are JSON {\"detail\": message}.")
-
-
-@api.exception_handler(RequestError)
-async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-    return JSONResponse({"detail": e.detail}, status_code=e.status,
-                        headers=getattr(e, "headers", None))
-
-
-@api.exception_handler(SessionError)
-async def _session_error(_: Request, e: SessionError) -> JSONResponse:
-    return JSONResponse({"detail": str(e)}, status_code=e.status)
+api = ingress.http_api("lvm_ray", "Next-concept prediction with latent vector models (Phase-2 / "
+                       "Phase-3 hybrid routing, sessions). Errors are JSON {\"detail\": message}.")
 
 
 @serve.deployment(
