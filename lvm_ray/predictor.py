@@ -198,12 +198,7 @@ class Predictor:
             return []
         ctxs = [self.validate(c)[-self.max_context :] for c in contexts]
         lengths = np.array([len(c) for c in ctxs])
-        batch = np.zeros((len(ctxs), lengths.max(), self.dim), dtype=np.float32)
-        for i, c in enumerate(ctxs):
-            batch[i, : len(c)] = c
-        pred, _ = self.model(torch.from_numpy(batch).to(self.device),
-                             lengths=torch.from_numpy(lengths))
-        pred = pred.float().cpu().numpy()
+        pred = padded_forward(self.model, ctxs, self.device)
         nbrs = self.neighbors(pred, k)
         return [Prediction(p, n, int(t)) for p, n, t in zip(pred, nbrs, lengths)]
 
@@ -281,6 +276,19 @@ class Predictor:
         nbrs = self.neighbors(pred, k)
         return [(Prediction(pred[i], nbrs[i], lengths[i]), np.ascontiguousarray(h[:, i]),
                  last[i]) for i in range(len(contexts))]
+
+
+@torch.no_grad()
+def padded_forward(model: torch.nn.Module, contexts: list[np.ndarray],
+                   device: torch.device | str) -> np.ndarray:
+    """Contexts (T_i, D) of different lengths, zero-padded into one batch -> (B, D) predictions
+    (each read up to its own length)."""
+    lengths = np.array([len(c) for c in contexts])
+    batch = np.zeros((len(contexts), lengths.max(), contexts[0].shape[1]), dtype=np.float32)
+    for i, c in enumerate(contexts):
+        batch[i, : len(c)] = c  # (B, T, D)
+    pred, _ = model(torch.from_numpy(batch).to(device), lengths=torch.from_numpy(lengths))
+    return pred.float().cpu().numpy()
 
 
 def quantized_predictor(checkpoint: str | Path, bank: str | Path | ConceptBank,

@@ -28,7 +28,7 @@ from lvm_ray.data.index import Retrieval
 from lvm_ray.eval.ensemble import (ENSEMBLE_JSON, RRF_DEPTH, RRF_K0, check_ensemble_document,
                                    fuse_vectors)
 from lvm_ray.model import RecurrentState
-from lvm_ray.predictor import Neighbor, Prediction, Predictor
+from lvm_ray.predictor import Neighbor, Prediction, Predictor, padded_forward
 from lvm_ray.serve.sessions import checkpoint_fingerprint
 from lvm_ray.storage import is_uri, localize
 from lvm_ray.train.checkpoint import is_valid_checkpoint, load_checkpoint
@@ -171,14 +171,7 @@ class EnsemblePredictor:
         ctxs = [self.validate(c) for c in contexts]
         preds = []
         for m in self.members:
-            cut = [c[-m.context :] for c in ctxs]
-            lengths = np.array([len(c) for c in cut])
-            batch = np.zeros((len(cut), lengths.max(), self.dim), dtype=np.float32)
-            for i, c in enumerate(cut):
-                batch[i, : len(c)] = c
-            pred, _ = m.model(torch.from_numpy(batch).to(self.device),
-                              lengths=torch.from_numpy(lengths))
-            preds.append(pred.float().cpu().numpy())
+            preds.append(padded_forward(m.model, [c[-m.context :] for c in ctxs], self.device))
         out = self._fuse(preds, k)
         for p, c in zip(out, ctxs):
             p.context_used = min(len(c), self.max_context)
