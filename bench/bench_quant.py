@@ -324,9 +324,10 @@ def main() -> int:
         print(report(sizes, args))
         return 0
     if args.checkpoint:
-        # runs/<name>/best -> <name>
-        found = [(Path(p).parent.name if Path(p).name == "best" else Path(p).name, p)
-                 for p in args.checkpoint]
+        # runs/<name>/best or runs/<name>/checkpoints/epoch_N -> <name>
+        found = [(Path(p).parent.name if Path(p).name == "best"
+                  else Path(p).parents[1].name if Path(p).parent.name == "checkpoints"
+                  else Path(p).name, p) for p in args.checkpoint]
     else:
         found = [(label, str(sorted(Path().glob(pat))[-1])) for label, pat in SIZES
                  if sorted(Path().glob(pat))]

@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  verbose=args.verbose)
     print(summary["table"])
     print(f"\n{summary['verdict']}\nartifacts: {summary['run_dir']} (report.md, "
-          "training_curves.png, best/)")
+          f"training_curves.png); best checkpoint: {summary['best_checkpoint']}")
     return 0
 
 
