@@ -16,6 +16,7 @@ timings do not depend on the weights).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import concurrent.futures as cf
 import json
 import os
@@ -27,6 +28,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The proxy (HTTP + gRPC) may take longer than Serve's 3 x 5 s readiness checks to start on a
+# loaded 2-core machine; Serve then kills and restarts it until serve.start gives up.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 import grpc  # noqa: E402
 import httpx  # noqa: E402
@@ -37,7 +41,7 @@ from bench.common import ROOT, markdown_table, write_section  # noqa: E402
 from harness.floor import floor_app  # noqa: E402
 from harness.loadgen import percentiles  # noqa: E402
 from harness.net import free_port  # noqa: E402
-from harness.service import hybrid_config  # noqa: E402
+from harness.service import hybrid_config, wait_until_running  # noqa: E402
 from lvm_ray.serve.deploy import FAST_SERVE_ENV  # noqa: E402
 from lvm_ray.serve.protos import lvm_pb2, lvm_pb2_grpc  # noqa: E402
 from lvm_ray.serve.schemas import encode_b64  # noqa: E402
@@ -57,7 +61,7 @@ def assets(tmp: Path) -> tuple[str, str, str, str]:
     """(phase2, phase3, bank, description): the demo's outputs, or demo-size stand-ins."""
     p2, p3 = ROOT / "runs/demo/phase2/best", ROOT / "runs/demo/phase3/best"
     bank = ROOT / "data/sotu_demo_bank.parquet"
-    if p2.is_dir() and p3.is_dir() and bank.is_file():
+    if p2.is_dir() and p3.is_dir() and bank.exists():  # a file, or a sharded bank directory
         return str(p2), str(p3), str(bank), "the demo's trained checkpoints and bank"
     import torch
 
@@ -67,10 +71,15 @@ def assets(tmp: Path) -> tuple[str, str, str, str]:
     from lvm_ray.model import build_model
     from lvm_ray.train.checkpoint import save_checkpoint
 
+    from lvm_ray.data.bank import read_bank_meta
+
     model_cfg = load_config(presets=["demo"]).model
-    if not bank.is_file():
+    # The demo's width: its bank's when there is one, else MiniLM's 384.
+    dim = int(read_bank_meta(bank).get("dim") or 384) if bank.exists() else 384
+    model_cfg = dataclasses.replace(model_cfg, d_in=dim)
+    if not bank.exists():
         bank = tmp / "bank.parquet"
-        save_bank(make_synthetic_bank(n_docs=40, doc_len=(80, 120), dim=model_cfg.d_in), bank)
+        save_bank(make_synthetic_bank(n_docs=40, doc_len=(80, 120), dim=dim), bank)
     torch.manual_seed(0)
     for path, ctx in ((tmp / "phase2", 500), (tmp / "phase3", 1000)):
         save_checkpoint(path, build_model(model_cfg), model_cfg, epoch=0, metrics={},
@@ -90,7 +99,10 @@ def deploy(config: dict, models_uc: dict | None = None) -> None:
         for dep in app["deployments"]:
             if dep["name"] in ("Phase2Model", "Phase3Model") and models_uc:
                 dep["user_config"] = {**dep["user_config"], **models_uc}
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=True)
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
+    # Serve's own blocking deploy gives up after 60 s; replicas start slower on a loaded 2-core
+    # machine. This waits longer and names a failed application's error.
+    wait_until_running({a["name"] for a in cfg["applications"]}, timeout_s=300)
 
 
 # ----------------------------------------------------------------------------- load
