@@ -164,3 +164,24 @@ def test_ensemble_sessions_continue_exactly(bank, tmp_path, fusion):
     assert h.shape == pred.state_shape and last.shape == (D,)
     np.testing.assert_allclose(p.vector, full.vector, atol=1e-5)
     assert [n.concept_id for n in p.neighbors] == [n.concept_id for n in full.neighbors]
+
+
+def test_evaluate_ensembles_refuses_a_member_of_another_bank(bank, tmp_path):
+    from lvm_ray.data.bank import BankMismatch
+    from lvm_ray.train.checkpoint import load_checkpoint
+    from lvm_ray.workflows.ensemble import evaluate_ensembles
+
+    paths = [str(p) for p in make_members(tmp_path)]
+    save_bank(bank, tmp_path / "bank.parquet")
+    other = make_synthetic_bank(n_docs=30, doc_len=(30, 50), dim=D, seed=11)
+    # m1 records the identity of another bank of the same shape.
+    ck = load_checkpoint(paths[1])
+    save_checkpoint(tmp_path / "m1b", ck.model, ck.model_config, epoch=0, metrics={},
+                    config={"window": {"context": 8}, "run": {"name": "m1b"}},
+                    data=other.identity())
+    cfg = load_config(overrides={
+        "corpus": {"source": "bank"}, "bank_path": str(tmp_path / "bank.parquet"),
+        "window": {"context": 8}, "eval": {"lanes": 4, "bootstrap": 50}})
+    with pytest.raises(BankMismatch, match="m1b"):
+        evaluate_ensembles({"pair": [paths[0], str(tmp_path / "m1b")]}, cfg,
+                           out_dir=tmp_path / "out")
