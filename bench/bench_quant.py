@@ -344,9 +344,11 @@ def main() -> int:
         sizes.append(measure("paper-size", paper, None, args, quality=False))
     body = report(sizes, args)
     body += ("\n\nCheckpoints: " + "; ".join(f"{s['label']} `{s['checkpoint']}`"
-                                            for s in sizes if "checkpoint" in s)
-             + ". Trained for this bench by `" + TRAIN + " ...` with: "
-             + "; ".join(f"{k} `{v}`" for k, v in TRAIN_SIZES.items()) + ".")
+                                            for s in sizes if "checkpoint" in s) + ". "
+             + ("Given with --checkpoint (each checkpoint's recorded config says how it was "
+                "trained)." if args.checkpoint else
+                "Trained for this bench by `" + TRAIN + " ...` with: "
+                + "; ".join(f"{k} `{v}`" for k, v in TRAIN_SIZES.items()) + "."))
     cmd = "python bench/bench_quant.py" + "".join(f" --checkpoint {c}"
                                                   for c in args.checkpoint or [])
     write_section("quant", "Quantized CPU inference (int8 / bf16)", body, cmd)
