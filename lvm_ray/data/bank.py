@@ -73,6 +73,11 @@ class ConceptBank:
         _, first = np.unique(self.doc_ids, return_index=True)
         return [self.doc_id(i) for i in np.sort(first)]
 
+    def doc_names_of(self, rows: np.ndarray) -> np.ndarray:
+        """The document ids (names, str) of these rows, whether doc_ids are names or codes."""
+        d = self.doc_ids[rows]
+        return (d if self.doc_names is None else self.doc_names[d]).astype(str)
+
     def doc_id(self, row: int) -> str:
         """The document id of one row, whether doc_ids are names or codes."""
         d = self.doc_ids[row]

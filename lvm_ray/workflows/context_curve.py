@@ -144,14 +144,14 @@ def run_context_curve(cfg: Config, checkpoints: dict[str, str], split: str = "te
             or min_history
     targets = long_targets(bank, split, min_history)
     say(f"context curve on {split}: {len(targets)} targets with >= {min_history} earlier concepts "
-        f"in their document ({len(set(bank.doc_ids[targets.target_rows]))} document(s)), "
+        f"in their document ({len(set(bank.doc_names_of(targets.target_rows)))} document(s)), "
         f"L in {lengths}")
     per = model_curves(models, bank, split, min_history, lengths, device)
     base_per, chosen = baseline_curves(cfg, bank, split, min_history, lengths)
     per.update(base_per)
     summary = {n: {L: summarize(v, cfg.eval.bootstrap, cfg.eval.seed) for L, v in pts.items()}
                for n, pts in per.items()}
-    docs = sorted(set(bank.doc_ids[targets.target_rows]))
+    docs = sorted(set(bank.doc_names_of(targets.target_rows)))
     meta = {"split": split, "targets": f"{len(targets):,} (every {split} target with >= "
             f"{min_history} earlier concepts in its document; {len(docs)} document(s): "
             f"{', '.join(docs)})",

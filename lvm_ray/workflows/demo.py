@@ -120,7 +120,7 @@ def where_phase3_reads_more(bank: ConceptBank, cfgs: dict[str, Config],
                     f"{100 * s['ca_hi']:.1f}] |")
     n2, n3 = list(per)[:2]
     d, lo, hi = paired_diff_ci(per[n3]["bank_hit@5"], per[n2]["bank_hit@5"], b, seed)
-    docs = sorted(set(bank.doc_ids[long.target_rows]))
+    docs = sorted(set(bank.doc_names_of(long.target_rows)))
     return "\n".join([
         f"## Where Phase-3 reads more: {len(long)} test targets past position {p2}", "",
         f"Document(s): {', '.join(docs)}. Candidates: the {len(long.rows):,} test concepts minus "
