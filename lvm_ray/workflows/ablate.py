@@ -80,6 +80,9 @@ ROWS: tuple[Row, ...] = (
         {"model": {"experts": "soft"}}),
     Row("base_matched", "base at the lane-expert rows' parameter count (hidden 308)",
         {"model": {"hidden": 308}}),
+    # Issue 13: harder negatives, the concepts that follow the target in its own document.
+    Row("hard_neg16", "InfoNCE also against the 16 concepts after each target in its document",
+        {"loss": {"hard_negatives": 16}}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
