@@ -65,3 +65,37 @@ def test_training_on_float16_vectors_runs_and_records_the_banks_identity(tmp_pat
     assert np.isfinite(res["history"][0]["train_loss"]) and res["history"][0]["step_seconds"] > 0
     ck = load_checkpoint(res["best_checkpoint"])
     assert ck.meta["data"] == synthetic_bank.identity()  # not the float16 copy's fingerprint
+
+
+def test_lazy_texts_of_a_relative_bank_path_read_from_another_directory(tmp_path, monkeypatch,
+                                                                        synthetic_bank):
+    """A lean bank loaded by a relative path pickles its lazy texts as an absolute path, so a copy
+    unpickled elsewhere (a Ray worker's working directory) reads the same file (`make demo`
+    failed on this)."""
+    import pickle
+
+    from lvm_ray.data.bank import load_bank, save_bank
+
+    monkeypatch.chdir(tmp_path)
+    save_bank(synthetic_bank, "data_bank.parquet")
+    lean = load_bank("data_bank.parquet", lean=True)
+    blob = pickle.dumps(lean.texts)
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    texts = pickle.loads(blob)
+    assert [texts[i] for i in (0, 5)] == [str(synthetic_bank.texts[i]) for i in (0, 5)]
+
+
+@pytest.mark.ray
+def test_shared_file_bank_carries_no_texts(ray_session, tmp_path, synthetic_bank):
+    import ray
+
+    from lvm_ray.data.bank import load_bank, save_bank
+    from lvm_ray.distributed.trainer import share_bank
+
+    save_bank(synthetic_bank, tmp_path / "bank.parquet")
+    bank = load_bank(tmp_path / "bank.parquet", lean=True)  # lazy texts, as ensure_bank gives
+    assert bank.texts is not None
+    ref, driver = share_bank(bank)
+    assert ray.get(ref).texts is None and driver.texts is not None

@@ -180,7 +180,9 @@ class BankTexts:
     (the last few kept): what a lean bank holds instead of N Python strings. Pickles as a path."""
 
     def __init__(self, path: str | Path):
-        self.path = str(path)
+        # Absolute: a copy unpickled in another working directory (a Ray worker's) reads the
+        # same file.
+        self.path = str(Path(path).resolve())
         self._groups: list[tuple[Path, int]] | None = None  # (file, row group), in row order
         self._starts: list[int] = []  # first row of each group
         self._cache: dict[tuple[str, int], list[str]] = {}

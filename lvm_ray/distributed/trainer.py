@@ -287,7 +287,8 @@ def share_bank(bank: ConceptBank, vector_dtype: str = "float32") -> tuple[Any, C
     of the stored copy too, so the driver holds no second one."""
     import ray
 
-    lean = bank.lean(vector_dtype)
+    # Workers need no texts (not even the lazy reader, which would reopen the bank's files).
+    lean = dataclasses.replace(bank.lean(vector_dtype), texts=None)
     ref = ray.put(lean)
     if vector_dtype == "float32":
         stored = ray.get(ref)  # read-only arrays backed by the object store
