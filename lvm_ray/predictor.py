@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvm_ray.config import EncoderConfig, IndexConfig
+from lvm_ray.config import EncoderConfig
 from lvm_ray.data.bank import ConceptBank, check_identity, load_bank
 from lvm_ray.data.encoders import encoder_for_bank, get_encoder
 from lvm_ray.data.index import Retrieval
@@ -123,7 +123,7 @@ class Predictor:
         index_factory string; the files, in index_files or beside the bank, are built first
         when missing or stale if build_index, else refused)."""
         retrieval = Retrieval.open(bank, index, build=build_index,
-                                   cfg=IndexConfig(factory=index), files=index_files)
+                                   files=index_files)
         return cls(load_checkpoint(checkpoint), retrieval, device, max_context,
                    allow_bank_mismatch, str(bank))
 

@@ -35,7 +35,8 @@ from lvm_ray.data.corpus import (CorpusError, Document, Partition, Skipped, dupl
                                  partitions, read_partition)
 from lvm_ray.data.encoders import encoder_key, encoder_name
 from lvm_ray.data.ingest import (BankConflict, EncodeFn, IngestError, IngestResult, cache_dir_for,
-                                 chunks_of, describe, doc_key, reuse_existing, settings_meta)
+                                 chunks_of, describe, doc_key, plan_ingest, reuse_existing,
+                                 settings_meta)
 from lvm_ray.data.windows import assign_splits
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,6 @@ def dry_run(corpus: CorpusConfig, encoder: EncoderConfig, split: SplitConfig,
     import time
 
     from lvm_ray.data.encoders import get_encoder
-    from lvm_ray.data.ingest import plan_ingest
 
     conflict = None
     if sharded:

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvm_ray.config import IndexConfig
 from lvm_ray.data.bank import ConceptBank, check_identity
 from lvm_ray.data.index import Retrieval
 from lvm_ray.eval.ensemble import (ENSEMBLE_JSON, RRF_DEPTH, RRF_K0, check_ensemble_document,
@@ -109,7 +108,7 @@ class EnsemblePredictor:
                    ) -> "EnsemblePredictor":
         """As Predictor.from_paths: the bank's memory-mapped serving files."""
         retrieval = Retrieval.open(bank, index, build=build_index,
-                                   cfg=IndexConfig(factory=index), files=index_files)
+                                   files=index_files)
         return cls(read_spec(spec), retrieval, device, allow_bank_mismatch, str(bank))
 
     def session_shape(self) -> tuple[int, int]:
