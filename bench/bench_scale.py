@@ -79,7 +79,7 @@ def mem_row(s: Sampler) -> dict:
             "median_pss_gb": float(np.median(s.totals)) / GB,
             # What a serving node runs (the bench's own driver and idle workers left out).
             "serving_pss_gb": sum(p for r, (_, p) in roles.items() if r in SERVING),
-            "roles": roles}
+            "roles": roles, "roles_median": {r: p / GB for r, p in s.roles_median.items()}}
 
 
 def stage_ingest(work: Path, n: int, d: int) -> tuple[dict, Path]:
@@ -193,14 +193,15 @@ def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contex
         handle = serve.run(app, name="scale", route_prefix="/")
         startup = time.perf_counter() - t0
         model = serve.get_deployment_handle("Phase2Model", "scale")
-        lat = {"handle": [], "http": []}
+        lat = {"handle": [], "http": [], "replica": []}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             for i, ids in enumerate(contexts[: QUERIES + 20]):
                 t = time.perf_counter()
                 r = model.predict.remote(None, ids, 10, False).result()
+                assert "error" not in r, r
                 if i >= 20:
                     lat["handle"].append(1000 * (time.perf_counter() - t))
-                assert "error" not in r, r
+                    lat["replica"].append(r["model_ms"])  # forward + search + rows, in the replica
                 t = time.perf_counter()
                 resp = client.post("/v1/predict", json={"concept_ids": ids, "k": 10})
                 if i >= 20:
@@ -285,11 +286,17 @@ def _run_stages(row: dict, work: Path, label: str, n: int, d: int, ann: str,
             row[f"serve_{index}"] = stage_serve(bank_path, ckpt, index, user, contexts)
 
 
+def baseline(r: dict, done: list[dict]) -> dict:
+    """The row a size's memory growth is measured from: the smallest size of the same vector
+    width when one was run (a wider vector means wider activations and batches in every worker,
+    a per-process cost that does not grow with N), else the smallest size."""
+    same = [b for b in done if b["d"] == r["d"] and b["n"] < r["n"]]
+    return min(same or done, key=lambda b: b["n"])
+
+
 def verdicts(rows: list[dict], ann: str) -> list[str]:
     done = [r for r in rows if "skipped" not in r and "error" not in r]
-    if len(done) < 2:
-        return ["(fewer than two sizes measured: no growth to judge)"]
-    base, out = done[0], []
+    out = [] if len(done) >= 2 else ["memory: fewer than two sizes measured, no growth to judge"]
     checks = [("train", "median_pss_gb", "all processes, median over the stage"),
               ("train", "pss_gb", "all processes, peak (the bank is briefly in the driver and "
                                   "the object store at once while it is shared)"),
@@ -298,8 +305,9 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
     for stage, key, what in checks:
         # Judged where the vectors dominate (>= 1 GB): below that, the ~0.1 GB swings of the
         # fixed per-process memory (Ray's idle workers, allocator pools) swamp the ratio.
-        for r in done[1:]:
-            if stage not in r or stage not in base or r["vec_gb"] < 1.0:
+        for r in done:
+            base = baseline(r, done)
+            if base is r or stage not in r or stage not in base or r["vec_gb"] < 1.0:
                 continue
             if key not in r[stage] or key not in base[stage]:
                 continue
@@ -385,6 +393,17 @@ def row_cells(r: dict, i: dict, sf: dict, sa: dict, lat, ann: str) -> list[str]:
         f"{sf.get('serving_pss_gb', 0):.2f} / {sa.get('serving_pss_gb', 0):.2f}" if sa else "-"]
 
 
+def replica_line(rows: list[dict]) -> str:
+    """Where a handle predict's time goes: the replica's own work (forward, search, texts, as
+    the response's model_ms reports it) and the rest (Serve's queueing and hops)."""
+    parts = [f"{r['label']} {k.removeprefix('serve_')}: replica P50 "
+             f"{r[k]['replica_p50_ms']:.1f} / P95 {r[k]['replica_p95_ms']:.1f} ms of handle "
+             f"P50 {r[k]['handle_p50_ms']:.1f} / P95 {r[k]['handle_p95_ms']:.1f} ms"
+             for r in rows for k in r if k.startswith("serve_") and "replica_p50_ms" in r[k]]
+    return ("Inside the replica (forward + search + rows) vs the whole handle call: "
+            + "; ".join(parts) + ".\n\n") if parts else ""
+
+
 def report(rows: list[dict], ann: str, command: str, section: str = "scale") -> None:
     """The section (the curve's own, "scale", also writes its plot and JSON; another name is a
     re-run of some sizes beside it)."""
@@ -434,7 +453,7 @@ Goals:
 Memory by process role at the peak (count, PSS GB):
 {chr(10).join(roles)}
 
-Search alone (in process, batch 1): {"; ".join(
+{replica_line(rows)}Search alone (in process, batch 1): {"; ".join(
     f"{r['label']} Flat P95 {r['index']['search_p95_ms_Flat']:.1f} ms, {ann} "
     f"{r['index'][f'search_p95_ms_{ann}']:.2f} ms" for r in rows if 'index' in r)}.
 
@@ -508,18 +527,22 @@ def report_train(rows: list[dict], command: str) -> None:
               f"{r['load']:.1f}->{r['load_end']:.1f}"] for r in done]
     lines = []
     if len(done) >= 2:
-        base = done[0]
-        for r in done[1:]:
+        for r in done:
+            base = baseline(r, done)
+            if base is r or r["vec_gb"] < 1.0:  # judged where the vectors dominate (verdicts)
+                continue
             for key in ("median_pss_gb", "pss_gb"):
                 extra = (r["train"][key] - base["train"][key]) / (r["vec_gb"] - base["vec_gb"])
                 lines.append(f"- {r['label']}, {key.split('_')[0]}: all processes grew "
                              f"{extra:.2f}x the added vector bytes over {base['label']} (goal "
                              f"<= 1.5x): {'met' if extra <= 1.5 else 'NOT met'}")
-    body = f"""One Ray Train epoch ({TRAIN_WINDOWS} windows, 2 workers) per size, the driver
-holding no
-copy of its own once the bank is shared (the way `lvm train` runs). PSS of all processes (GB),
-median and peak over the stage; the peak includes the seconds while the bank is in the driver and
-the object store at once.
+    body = f"""One Ray Train epoch ({TRAIN_WINDOWS} windows, 2 workers) per size, each size in a
+fresh Ray (the object store keeps a freed object's pages resident, so a size run after a bigger
+one would carry the other's bank), the driver holding no copy of its own once the bank is shared
+(the way `lvm train` runs). PSS of all processes (GB), median and peak over the stage; the peak
+includes the seconds while the bank is in the driver and the object store at once. Growth is
+measured from the smallest size of the same vector width: 768-d batches and activations cost every
+worker ~0.3 GB more whatever N is (10k vs 10kx768), a per-process cost, not a copy of the bank.
 
 {markdown_table(["size", "vectors GB", "ms/step", "median GB", "peak GB", "peak by role",
                  "load"], table)}
@@ -564,13 +587,22 @@ def main() -> None:
 
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             object_store_memory=int(min(8 * GB, mem_available() * 0.4)), log_to_driver=False)
+    from lvm_ray.serve.deploy import use_fast_serve_settings
+
+    use_fast_serve_settings()  # Serve as `lvm serve` runs it (read by the processes Ray starts)
     rows = []
     for s in args.sizes.split(","):
         n, d = parse_size(s)
-        rows.append(run_size(s, n, d, args.ann, args.skip_serve, args.only_train))
-    ray.shutdown()
+        # A fresh Ray per size: the object store keeps the pages of a freed object resident
+        # (its allocator reuses them, it does not return them), so a size run after a bigger
+        # one would carry the other's bank in its memory figures.
+        ray.init(address="local", num_cpus=2, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=False,
+                 object_store_memory=int(min(8 * GB, mem_available() * 0.4)))
+        try:
+            rows.append(run_size(s, n, d, args.ann, args.skip_serve, args.only_train))
+        finally:
+            ray.shutdown()
     command = "python bench/bench_scale.py " + " ".join(sys.argv[1:])
     if args.only_train:
         report_train(rows, command)

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROLES = (("RayTrainWorker", "train worker"), ("ServeReplica", "serve replica"),
          ("ProxyActor", "serve proxy"), ("ServeController", "serve controller"),
          ("MapWorker", "ingest actor"), ("raylet", "raylet"), ("gcs_server", "gcs"),
@@ -77,6 +79,7 @@ class Sampler:
         self.peak_pss = self.peak_rss = 0
         self.roles_at_peak: dict[str, tuple[int, int]] = {}  # role -> (count, pss)
         self.totals: list[int] = []  # total PSS of every sample (median: the steady state)
+        self.role_totals: list[dict[str, int]] = []  # role -> PSS, every sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -94,8 +97,15 @@ class Sampler:
             roles[r] = (n + 1, p + u[1])
         self.peak_rss = max(self.peak_rss, total_rss)
         self.totals.append(total_pss)
+        self.role_totals.append({r: p for r, (_, p) in roles.items()})
         if total_pss > self.peak_pss:
             self.peak_pss, self.roles_at_peak = total_pss, roles
+
+    @property
+    def roles_median(self) -> dict[str, float]:
+        """role -> median PSS over the samples (0 where the role was absent)."""
+        names = {r for t in self.role_totals for r in t}
+        return {r: float(np.median([t.get(r, 0) for t in self.role_totals])) for r in names}
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -105,3 +105,33 @@ def test_in_memory_index_matches_brute_force(bank):
     q = _queries(bank, 50)
     _, ids = index.search(q, 5)
     np.testing.assert_array_equal(ids, np.argsort(-(q @ bank.vectors.T), axis=1)[:, :5])
+
+
+def _resident(path: Path) -> int:
+    """Bytes of this process's mappings of `path` that are in its page tables (smaps Rss)."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if "-" in parts[0] and len(parts) >= 5:  # a mapping's header line
+            current = len(parts) == 6 and parts[5] == str(path.resolve())
+        elif current and parts[0] == "Rss:":
+            total += int(parts[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_populate_fills_the_page_tables_of_the_mapped_files(tmp_path, bank, factory):
+    save_bank(bank, tmp_path / "bank.parquet")
+    r = Retrieval.open(tmp_path / "bank.parquet", factory, build=True)
+    assert r.mapped and len(r.files) == 2
+    index_file = r.files[0]
+    before = _resident(index_file)
+    if factory == "Flat":  # nothing read yet: a fresh mapping is absent from the page tables
+        assert before < index_file.stat().st_size / 2  # (HNSW's reader walks its graph)
+    assert r.populate(max_fraction=0.0) == 0  # larger than the allowed memory: skipped
+    assert _resident(index_file) == before
+    done = r.populate()
+    assert done >= sum(f.stat().st_size for f in r.files)
+    for f in r.files:
+        assert _resident(f) >= f.stat().st_size - 4096, f
+    np.testing.assert_array_equal(r.search(bank.vectors[:3], 1)[1][:, 0], [0, 1, 2])

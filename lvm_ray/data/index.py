@@ -185,9 +185,10 @@ class Retrieval:
     by concept id. Shared read-only by every request of a replica."""
 
     def __init__(self, index: faiss.Index, columns: Any, identity: dict[str, Any],
-                 factory: str, meta: dict[str, Any], mapped: bool):
+                 factory: str, meta: dict[str, Any], mapped: bool, files: tuple[Path, ...] = ()):
         self.index, self.columns, self._identity = index, columns, identity
         self.factory, self.meta, self.mapped = factory, meta, mapped
+        self.files = files  # the memory-mapped files (empty in memory)
         if index.ntotal != identity["n_concepts"]:
             raise IndexFileError(f"the index holds {index.ntotal} vectors but the bank has "
                               f"{identity['n_concepts']}")
@@ -231,7 +232,16 @@ class Retrieval:
         table = pa.ipc.open_file(pa.memory_map(str(out / LOOKUP))).read_all()  # zero-copy
         record = json.loads(table.schema.metadata[META_KEY])
         return cls(index, _MappedColumns(table), record["identity"], factory, record["meta"],
-                   mapped)
+                   mapped, (idx, out / LOOKUP) if mapped else (out / LOOKUP,))
+
+    def populate(self, max_fraction: float = 0.5) -> int:
+        """Fill this process's page tables for its mappings of the serving files (a replica's
+        warm-up): an HNSW search touches thousands of vectors scattered over the file, and in a
+        fresh process each one is a page fault, several ms per query until most pages have been
+        touched. No extra memory: the pages are the page cache's, shared by every replica.
+        Skipped when the files exceed `max_fraction` of the available memory (they would not
+        stay resident). Returns the bytes populated."""
+        return populate_mappings(self.files, max_fraction)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -312,6 +322,51 @@ class _MappedColumns:
         for i, (k, j) in enumerate(zip(*self._locate(ids))):
             out[i] = self.vecs[k][j]
         return out
+
+
+MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a range's pages in, read-only
+
+
+def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float = 0.5) -> int:
+    """Populate this process's page tables for every mapping of `paths` (Linux; 0 elsewhere),
+    by madvise(MADV_POPULATE_READ) or, on older kernels, one read per page."""
+    import ctypes
+
+    maps = Path("/proc/self/maps")
+    names = {str(Path(p).resolve()) for p in paths}
+    if not names or not maps.exists():
+        return 0
+    ranges = []
+    for line in maps.read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] in names:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi - lo))
+    total = sum(n for _, n in ranges)
+    avail = _mem_available()
+    if avail is not None and total > max_fraction * avail:
+        log.info("not populating %.1f GB of mapped index files: more than %.0f%% of the %.1f GB "
+                 "available", total / 1e9, 100 * max_fraction, avail / 1e9)
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    t0 = time.perf_counter()
+    for lo, n in ranges:
+        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(n), MADV_POPULATE_READ) != 0:
+            page = np.frombuffer((ctypes.c_char * n).from_address(lo), dtype=np.uint8)
+            int(page[::4096].max())  # one read per page faults it in
+    log.info("populated %.2f GB of mapped index files in %.1f s", total / 1e9,
+             time.perf_counter() - t0)
+    return total
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:

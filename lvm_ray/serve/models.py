@@ -80,6 +80,9 @@ class ModelServer:
         files = localize(bank.rstrip("/") + ".index") if is_uri(bank) else None
         self.predictor, self.fingerprint, lanes_dir = self._open(
             localize(checkpoint), localize(bank), device, allow_bank_mismatch, index, files)
+        # Warm the mapped index now: otherwise the first few hundred ANN searches of a fresh
+        # replica each pay thousands of page faults (BENCHMARKS.md, scale_1m_rerun).
+        self.predictor.retrieval.populate()
         self.state_shape = self.predictor.session_shape()
         self.metrics = ModelMetrics()
         self.user = ModelUserConfig()
