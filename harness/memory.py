@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lvm_ray.data.index import mem_available as _mem_available
+
 ROLES = (("RayTrainWorker", "train worker"), ("ServeReplica", "serve replica"),
          ("ProxyActor", "serve proxy"), ("ServeController", "serve controller"),
          ("MapWorker", "ingest actor"), ("raylet", "raylet"), ("gcs_server", "gcs"),
@@ -126,7 +128,4 @@ class Sampler:
 
 
 def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _mem_available() or 0

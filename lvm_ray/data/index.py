@@ -238,7 +238,7 @@ class Retrieval:
         """Fill this process's page tables for its mapping of the index file (a replica's
         warm-up): an HNSW search touches thousands of vectors scattered over the file, and in a
         fresh process each one is a page fault, several ms per query until most pages have been
-        touched (BENCHMARKS.md, scale_1m_rerun: in-replica P50 14.9 -> 5.8 ms at 1M). The pages
+        touched (BENCHMARKS.md, scale_1m_rerun: in-replica P50 14.9 -> 6.4-9.4 ms at 1M). The pages
         are the page cache's, shared by every replica. Not the lookup file: a request reads a
         few of its rows, and keeping all of it resident would hold a second copy of the vectors.
         Skipped when the file exceeds `max_fraction` of the available memory (it would not stay
@@ -345,7 +345,7 @@ def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float 
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             ranges.append((lo, hi - lo))
     total = sum(n for _, n in ranges)
-    avail = _mem_available()
+    avail = mem_available()
     if avail is not None and total > max_fraction * avail:
         log.info("not populating %.1f GB of mapped index files: more than %.0f%% of the %.1f GB "
                  "available", total / 1e9, 100 * max_fraction, avail / 1e9)
@@ -361,7 +361,8 @@ def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float 
     return total
 
 
-def _mem_available() -> int | None:
+def mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
