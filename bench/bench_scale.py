@@ -173,27 +173,39 @@ def stage_index(bank_path: Path, ann: str, test_pred, val_pred) -> dict:
 
 
 def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contexts) -> dict:
+    """The shipped topology (serve_configs/hybrid.yaml): each model its own application, the
+    router in front. Batch-1 predicts through a handle to the model, over HTTP through the router
+    (proxy -> router -> model) and over HTTP straight to the model's application (proxy ->
+    model), each request in turn."""
     import httpx
     from ray import serve
 
     from harness.net import free_port
-    from lvm_ray.serve.app import make_app
+    from lvm_ray.serve.app import make_app, make_model_app, model_app_name
+    from lvm_ray.serve.sessions import new_key
 
+    key, prefix = new_key(), "scale-"
     models = {"num_replicas": 2, "autoscaling_config": None, "user_config": user,
               "ray_actor_options": {"num_cpus": 0.4}}
-    app = make_app({"phase2_checkpoint": checkpoint, "phase3_checkpoint": checkpoint,
-                    "bank": str(bank_path), "index": index},
-                   {"Phase2Model": dict(models), "Phase3Model": dict(models),
-                    "Router": {"ray_actor_options": {"num_cpus": 0.1}},
-                    "TextEncoder": {"ray_actor_options": {"num_cpus": 0.05}}})
+    model_apps = {model_app_name(prefix, m): make_model_app(
+        {"model": m, "checkpoint": checkpoint, "bank": str(bank_path), "index": index,
+         "session_key": key}, dict(models)) for m in ("phase2", "phase3")}
+    router = make_app({"phase2_checkpoint": checkpoint, "phase3_checkpoint": checkpoint,
+                       "bank": str(bank_path), "index": index, "model_apps": prefix,
+                       "session_key": key},
+                      {"Router": {"ray_actor_options": {"num_cpus": 0.1}},
+                       "TextEncoder": {"ray_actor_options": {"num_cpus": 0.05}}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    phase2 = model_app_name(prefix, "phase2")
     with Sampler() as s:
         t0 = time.perf_counter()
-        handle = serve.run(app, name="scale", route_prefix="/")
+        for name, app in model_apps.items():
+            serve.run(app, name=name, route_prefix=f"/{name}")
+        serve.run(router, name="scale", route_prefix="/")
         startup = time.perf_counter() - t0
-        model = serve.get_deployment_handle("Phase2Model", "scale")
-        lat = {"handle": [], "http": [], "replica": []}
+        model = serve.get_deployment_handle("Phase2Model", phase2)
+        lat = {"handle": [], "http": [], "direct": [], "replica": []}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             for i, ids in enumerate(contexts[: QUERIES + 20]):
                 t = time.perf_counter()
@@ -202,13 +214,12 @@ def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contex
                 if i >= 20:
                     lat["handle"].append(1000 * (time.perf_counter() - t))
                     lat["replica"].append(r["model_ms"])  # forward + search + rows, in the replica
-                t = time.perf_counter()
-                resp = client.post("/v1/predict", json={"concept_ids": ids, "k": 10})
-                if i >= 20:
-                    lat["http"].append(1000 * (time.perf_counter() - t))
-                assert resp.status_code == 200, resp.text
-    del handle
-    serve.delete("scale")
+                for how, url in (("http", "/v1/predict"), ("direct", f"/{phase2}/v1/predict")):
+                    t = time.perf_counter()
+                    resp = client.post(url, json={"concept_ids": ids, "k": 10})
+                    if i >= 20:
+                        lat[how].append(1000 * (time.perf_counter() - t))
+                    assert resp.status_code == 200, resp.text
     serve.shutdown()
     return {**mem_row(s), "startup_s": startup,
             **{f"{k}_p{q}_ms": float(np.percentile(v, q)) for k, v in lat.items()
@@ -328,9 +339,11 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
     for r in big:
         rec = r["index"]["recall@10"]
         i = r["index"]
-        for how in ("handle", "http"):
+        for how, path in PATHS.items():
+            if f"{how}_p95_ms" not in r[f"serve_{ann}"]:  # a row measured before that path
+                continue
             ratio = r[f"serve_{ann}"][f"{how}_p95_ms"] / r["serve_Flat"][f"{how}_p95_ms"]
-            out.append(f"serving at {r['label']} ({how}): {ann} predict P95 = {ratio:.2f}x "
+            out.append(f"serving at {r['label']} ({path}): {ann} predict P95 = {ratio:.2f}x "
                        f"Flat's (goal <= 0.2), recall@10 {rec:.3f} (goal >= 0.95): "
                        f"{'met' if ratio <= 0.2 and rec >= 0.95 else 'NOT met'}")
         ratio = i[f"search_p95_ms_{ann}"] / i["search_p95_ms_Flat"]
@@ -340,6 +353,10 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
     if not big:
         out.append("serving at 1M concepts: not measured (size skipped or --skip-serve)")
     return out
+
+
+PATHS = {"handle": "handle to the model", "http": "HTTP through the router",
+         "direct": "HTTP straight to the model's app"}
 
 
 def plot(rows: list[dict], ann: str) -> None:
@@ -389,7 +406,8 @@ def row_cells(r: dict, i: dict, sf: dict, sa: dict, lat, ann: str) -> list[str]:
         f"{r['eval']['s']:.1f} ({r['eval']['pss_gb']:.1f})",
         f"{i[f'build_{ann}']['s']:.0f}", f"{i['recall@10']:.3f} ({i['param']}="
         f"{i['param_value']})", f"{sa.get('startup_s', 0):.0f}" if sa else "-",
-        lat(sf, "handle"), lat(sf, "http"), lat(sa, "handle"), lat(sa, "http"),
+        lat(sf, "handle"), lat(sf, "http"), lat(sf, "direct"), lat(sa, "handle"),
+        lat(sa, "http"), lat(sa, "direct"),
         f"{sf.get('serving_pss_gb', 0):.2f} / {sa.get('serving_pss_gb', 0):.2f}" if sa else "-"]
 
 
@@ -410,7 +428,8 @@ def report(rows: list[dict], ann: str, command: str, section: str = "scale") -> 
     headers = ["size", "ingest s (GB)", "load+windows s (GB)",
                "train ms/step (epoch s, GB median / peak)",
                "exact eval s (GB)", f"{ann} build s", "recall@10", "serve start s",
-               "P50/P95 ms handle Flat", "HTTP Flat", f"handle {ann}", f"HTTP {ann}",
+               "P50/P95 ms handle Flat", "HTTP router Flat", "HTTP direct Flat",
+               f"handle {ann}", f"HTTP router {ann}", f"HTTP direct {ann}",
                f"serving GB Flat / {ann}"]
     table = []
     for r in rows:
@@ -421,7 +440,8 @@ def report(rows: list[dict], ann: str, command: str, section: str = "scale") -> 
         i, sf, sa = r.get("index", {}), r.get("serve_Flat", {}), r.get(f"serve_{ann}", {})
 
         def lat(s: dict, k: str) -> str:
-            return f"{s[k + '_p50_ms']:.1f} / {s[k + '_p95_ms']:.1f}" if s else "-"
+            return f"{s[k + '_p50_ms']:.1f} / {s[k + '_p95_ms']:.1f}" if k + "_p50_ms" in s \
+                else "-"
 
         try:
             table.append(row_cells(r, i, sf, sa, lat, ann))
@@ -439,8 +459,10 @@ def report(rows: list[dict], ann: str, command: str, section: str = "scale") -> 
                       f"({r['mem_available_gb']:.1f} GB free)" for r in rows if "load" in r)
     body = f"""Every stage at several bank sizes (synthetic corpora ingested with the hashing
 encoder; one Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of
-{EVAL_WINDOWS} test windows; serving with 2 replicas of each model deployment, batch-1 predict
-with a 100-concept context, {QUERIES} requests). Memory: peak PSS (GB) of all processes of the
+{EVAL_WINDOWS} test windows; serving as serve_configs/hybrid.yaml deploys it (each model its
+own application, 2 replicas each, the router in front), batch-1 predicts with a 100-concept
+context, {QUERIES} requests per path: a handle to the model, HTTP through the router, HTTP straight
+to the model's application). Memory: peak PSS (GB) of all processes of the
 run, the node's real use (shared pages counted once); "serving GB" counts only what a serving
 node runs (replicas, proxy, controller, raylet, gcs), not the bench's driver. Load average
 (1 min) at the start -> end of each size, and free memory: {loads}.

@@ -131,7 +131,24 @@ def test_populate_fills_the_page_tables_of_the_mapped_files(tmp_path, bank, fact
     assert r.populate(max_fraction=0.0) == 0  # larger than the allowed memory: skipped
     assert _resident(index_file) == before
     lookup_before = _resident(r.files[1])
-    assert r.populate() >= index_file.stat().st_size
+    small = sum(n for _, n in r.columns.small_ranges())  # text, doc id, position buffers
+    assert 0 < small < r.files[1].stat().st_size / 4
+    assert r.populate() >= index_file.stat().st_size + small
     assert _resident(index_file) >= index_file.stat().st_size - 4096
-    assert _resident(r.files[1]) == lookup_before  # the lookup file is read per request only
+    # The lookup file: its small columns are resident now, not its vectors (one copy: the
+    # index's, which is where `vectors` reads them from).
+    assert lookup_before + small - 4096 <= _resident(r.files[1]) <= lookup_before + small + \
+        8192 * (len(r.columns.small_ranges()) + 1)
     np.testing.assert_array_equal(r.search(bank.vectors[:3], 1)[1][:, 0], [0, 1, 2])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,PQ8"])
+def test_vectors_by_id_are_the_banks_whatever_the_index(tmp_path, bank, factory):
+    """Read from the index where it stores them exactly (Flat, HNSW over Flat), from the lookup
+    file where its codes are lossy (PQ): the bank's vectors either way."""
+    save_bank(bank, tmp_path / "bank.parquet")
+    r = Retrieval.open(tmp_path / "bank.parquet", factory, build=True,
+                       cfg=IndexConfig(factory=factory, train_size=len(bank.vectors)))
+    assert r._exact_storage == ("PQ" not in factory)
+    ids = np.array([5, 0, len(bank.vectors) - 1, 5])
+    np.testing.assert_array_equal(r.vectors(ids), bank.vectors[ids].astype(np.float32))

@@ -1,6 +1,6 @@
 """The shipped Serve layout, deployed the way `lvm serve` does (run_config on
 serve_configs/hybrid.yaml with the test assets): the router app plus one app per model. Session
-appends go straight to the model's own endpoint and give the router's answers; gRPC gives the
+appends and predicts go straight to the model's own endpoint and give the router's answers; gRPC gives the
 HTTP answers; `lvm serve` prints the address Serve really bound; an over-limit append body is
 answered with a 413 the client can read.
 """
@@ -18,7 +18,7 @@ import yaml
 from harness.net import free_port
 from harness.service import hybrid_config, ok, unit
 from lvm_ray.serve.protos import lvm_pb2, lvm_pb2_grpc
-from lvm_ray.serve.schemas import SessionOpenOut, SessionOut, encode_b64
+from lvm_ray.serve.schemas import PredictionOut, SessionOpenOut, SessionOut, encode_b64
 
 pytestmark = pytest.mark.ray
 GRPC_SERVICER = "lvm_ray.serve.protos.lvm_pb2_grpc.add_LVMServicer_to_server"
@@ -105,6 +105,35 @@ def test_direct_endpoint_refusals(live):
     zero = http.post(s2["append_url"], json={"state": s2["state"],
                                              "vectors": [[0.0] * unit(1, 0).shape[1]]})
     assert zero.status_code == 422 and "row 0" in zero.json()["detail"]
+
+
+def test_predict_at_the_model_app_equals_the_router_and_the_reference(live):
+    http, stub, ref = live["http"], live["stub"], live["assets"]["refs"]["phase2"]
+    ctx = unit(6, 46)
+    body = {**encode_b64(ctx), "k": 4, "return_vector": True}
+    via_router = ok(http.post("/v1/predict", json={**body, "model": "phase2"}))
+    direct = ok(http.post("/lvm-phase2/v1/predict", json=body))
+    PredictionOut.model_validate(direct)
+    assert (direct["model"], direct["route"], direct["context_length"]) == ("phase2", "direct", 6)
+    assert direct["neighbors"] == via_router["neighbors"]
+    np.testing.assert_allclose(direct["vector"], ref.predict(ctx, k=4).vector, atol=1e-4)
+    ids = ok(http.post("/lvm-phase2/v1/predict", json={"concept_ids": [3, 4, 5], "k": 2}))
+    assert ids["context_length"] == 3 and len(ids["neighbors"]) == 2
+    g = stub.Predict(lvm_pb2.PredictRequest(context=_proto_ctx(ctx), k=4, return_vector=True),
+                     metadata=(("application", "lvm-phase2"),))
+    assert (g.model, g.route) == ("phase2", "direct")
+    assert [n.concept_id for n in g.neighbors] == [n["concept_id"] for n in direct["neighbors"]]
+    # Another model, texts (the router holds the encoder) and bad vectors are refused.
+    other = http.post("/lvm-phase2/v1/predict", json={**body, "model": "phase3"})
+    assert other.status_code == 409 and "phase3" in other.json()["detail"]
+    texts = http.post("/lvm-phase2/v1/predict", json={"texts": ["a text"]})
+    assert texts.status_code == 422 and "router" in texts.json()["detail"]
+    zero = http.post("/lvm-phase2/v1/predict", json={"vectors": [[0.0] * ctx.shape[1]]})
+    assert zero.status_code == 422 and "row 0" in zero.json()["detail"]
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(lvm_pb2.PredictRequest(context=_proto_ctx(ctx), model="phase3"),
+                     metadata=(("application", "lvm-phase2"),))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.parametrize("where", ["router", "model"])

@@ -189,6 +189,7 @@ class Retrieval:
         self.index, self.columns, self._identity = index, columns, identity
         self.factory, self.meta, self.mapped = factory, meta, mapped
         self.files = files  # the memory-mapped files (empty in memory)
+        self._exact_storage = _stores_exact_vectors(index)
         if index.ntotal != identity["n_concepts"]:
             raise IndexFileError(f"the index holds {index.ntotal} vectors but the bank has "
                               f"{identity['n_concepts']}")
@@ -235,15 +236,19 @@ class Retrieval:
                    mapped, (idx, out / LOOKUP) if mapped else (out / LOOKUP,))
 
     def populate(self, max_fraction: float = 0.5) -> int:
-        """Fill this process's page tables for its mapping of the index file (a replica's
-        warm-up): an HNSW search touches thousands of vectors scattered over the file, and in a
-        fresh process each one is a page fault, several ms per query until most pages have been
-        touched (BENCHMARKS.md, scale_1m_rerun: in-replica P50 14.9 -> 6.4-9.4 ms at 1M). The pages
-        are the page cache's, shared by every replica. Not the lookup file: a request reads a
-        few of its rows, and keeping all of it resident would hold a second copy of the vectors.
-        Skipped when the file exceeds `max_fraction` of the available memory (it would not stay
-        resident). Returns the bytes populated."""
-        return populate_mappings(self.files[:1] if self.mapped else (), max_fraction)
+        """Fill this process's page tables for its mapping of the index file and of the lookup
+        file's text / doc id / position columns (a replica's warm-up): an HNSW search touches
+        thousands of vectors scattered over the file, and in a fresh process each one is a page
+        fault, several ms per query until most pages have been touched (BENCHMARKS.md,
+        scale_1m_rerun: in-replica P50 14.9 -> 6.4-9.4 ms at 1M); a request's rows are a few
+        more, read from disk when the page cache has dropped them. The pages are the page
+        cache's, shared by every replica. Not the lookup file's vectors: with an exact index
+        they are read from the index (`vectors`), and keeping them resident too would hold a
+        second copy. Skipped when it all exceeds `max_fraction` of the available memory (it
+        would not stay resident). Returns the bytes populated."""
+        if not self.mapped:
+            return 0
+        return populate_mappings(self.files[:1], max_fraction, extra=self.columns.small_ranges())
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -280,13 +285,29 @@ class Retrieval:
         return self.columns.rows(np.asarray(ids, dtype=np.int64))
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """(n, D) float32 vectors of concept ids (read from the mapped file when mapped)."""
-        return self.columns.vectors(np.asarray(ids, dtype=np.int64))
+        """(n, D) float32 vectors of concept ids: from the index itself when it stores them
+        exactly (Flat, HNSW over Flat: the pages a search keeps hot), else from the lookup
+        file (IVF / PQ codes are lossy)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.mapped and self._exact_storage:
+            return self.index.reconstruct_batch(ids)
+        return self.columns.vectors(ids)
+
+
+def _stores_exact_vectors(index: faiss.Index) -> bool:
+    """Whether reconstruct() returns the added vectors bit for bit (a flat store)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    return isinstance(index, faiss.IndexFlat)
 
 
 class _BankColumns:
     def __init__(self, bank: ConceptBank):
         self.bank = bank
+
+    def small_ranges(self) -> list[tuple[int, int]]:
+        return []  # in memory already
 
     def rows(self, ids: np.ndarray) -> list[tuple[str, str, int]]:
         b = self.bank
@@ -311,6 +332,12 @@ class _MappedColumns:
         self.vecs = [c.flatten().to_numpy(zero_copy_only=True).reshape(-1, dim)
                      for c in chunks["vector"]]  # (rows, D) views of the mapped file
 
+    def small_ranges(self) -> list[tuple[int, int]]:
+        """(address, bytes) of every buffer of the text, doc_id and position columns: a few
+        percent of the file at 384-d, what a request's rows read besides vectors."""
+        return [(b.address, b.size) for col in (self.text, self.doc, self.pos) for chunk in col
+                for b in chunk.buffers() if b is not None and b.size]
+
     def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k = np.searchsorted(self.starts, ids, side="right") - 1
         return k, ids - self.starts[k]
@@ -329,14 +356,16 @@ class _MappedColumns:
 MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a range's pages in, read-only
 
 
-def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float = 0.5) -> int:
-    """Populate this process's page tables for every mapping of `paths` (Linux; 0 elsewhere),
-    by madvise(MADV_POPULATE_READ) or, on older kernels, one read per page."""
+def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float = 0.5,
+                      extra: list[tuple[int, int]] = ()) -> int:
+    """Populate this process's page tables for every mapping of `paths` and the (address,
+    bytes) ranges `extra` (Linux; 0 elsewhere), by madvise(MADV_POPULATE_READ) or, on older
+    kernels, one read per page."""
     import ctypes
 
     maps = Path("/proc/self/maps")
     names = {str(Path(p).resolve()) for p in paths}
-    if not names or not maps.exists():
+    if not (names or extra) or not maps.exists():
         return 0
     ranges = []
     for line in maps.read_text().splitlines():
@@ -344,6 +373,10 @@ def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float 
         if len(parts) == 6 and parts[5] in names:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             ranges.append((lo, hi - lo))
+    page = 4096
+    for addr, n in extra:  # madvise wants page-aligned starts
+        lo = addr - addr % page
+        ranges.append((lo, n + addr - lo))
     total = sum(n for _, n in ranges)
     avail = mem_available()
     if avail is not None and total > max_fraction * avail:
@@ -354,8 +387,8 @@ def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float 
     t0 = time.perf_counter()
     for lo, n in ranges:
         if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(n), MADV_POPULATE_READ) != 0:
-            page = np.frombuffer((ctypes.c_char * n).from_address(lo), dtype=np.uint8)
-            int(page[::4096].max())  # one read per page faults it in
+            mem = np.frombuffer((ctypes.c_char * n).from_address(lo), dtype=np.uint8)
+            int(mem[::page].max())  # one read per page faults it in
     log.info("populated %.2f GB of mapped index files in %.1f s", total / 1e9,
              time.perf_counter() - t0)
     return total

@@ -28,7 +28,8 @@ from lvm_ray.serve import ingress
 from lvm_ray.serve.config import ModelUserConfig
 from lvm_ray.serve.metrics import ModelMetrics
 from lvm_ray.serve.routing import PHASE2, PHASE3, lane_summary
-from lvm_ray.serve.schemas import (RequestError, SessionAppendRequest, SessionOut, body_schema)
+from lvm_ray.serve.schemas import (PredictionOut, PredictRequest, RequestError,
+                                   SessionAppendRequest, SessionOut, body_schema)
 from lvm_ray.serve.sessions import (SessionCodec, SessionError, SessionState, check_compatible,
                                     checkpoint_fingerprint, resolve_key, KEY_ENV)
 from lvm_ray.storage import is_uri, localize
@@ -207,11 +208,55 @@ class ModelServer:
         self.metrics.forward.observe(ms, tags=tags)
         self.metrics.batch_size.observe(batch, tags=tags)
 
-    # ------------------------------------------------------------------ direct session appends
+    # ------------------------------------------------------ direct predicts and session appends
 
     @model_api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @model_api.post("/v1/predict", response_model=PredictionOut,
+                    openapi_extra=body_schema(PredictRequest))
+    async def predict_http(self, request: Request) -> JSONResponse:
+        """Predict with this model, as the router's /v1/predict does, without the router hop
+        (one Serve hop less: BENCHMARKS.md, scale). Vectors, vectors_b64 or concept_ids."""
+        t0 = time.perf_counter()
+        req, ctx = await ingress.parse(request, PredictRequest, self.user)
+        return JSONResponse(await self._predict_direct(ctx, req.model, req.k,
+                                                       req.return_vector, t0))
+
+    async def Predict(self, request, grpc_context=None):  # lvm_pb2.PredictRequest -> Prediction
+        """gRPC twin of predict_http."""
+        t0 = time.perf_counter()
+        try:
+            k = request.k or 5
+            ingress.check_k(k, self.user)
+            ctx = ingress.proto_context(request.context, self.user)
+            return ingress.proto_prediction(await self._predict_direct(
+                ctx, request.model or None, k, request.return_vector, t0))
+        except RequestError as e:
+            return ingress.grpc_error(grpc_context, e.status, e.detail)
+
+    async def _predict_direct(self, ctx, model: str | None, k: int, return_vector: bool,
+                              t0: float) -> dict[str, Any]:
+        if model is not None and model != self.name:
+            raise RequestError(409, f"this endpoint serves model {self.name!r}, not {model!r}: "
+                                    "predict at that model's application or at the router")
+        self._no_texts(ctx, "predict")
+        timings = {"decode": ctx.decode_ms}
+        t1 = time.perf_counter()
+        out = await self.predict(ctx.vectors, ctx.concept_ids, k, return_vector)
+        if "error" in out:
+            raise RequestError(out["status"], out["error"])
+        timings.update(model=out["model_ms"], model_call=(time.perf_counter() - t1) * 1000,
+                       total=(time.perf_counter() - t0) * 1000)
+        return ingress.prediction(out, self.name, "direct", ctx.n, timings)
+
+    @staticmethod
+    def _no_texts(ctx, what: str) -> None:
+        if ctx.texts is not None:
+            raise RequestError(422, f"text input is encoded by the router: {what} texts at the "
+                                    f"router's endpoint; this one takes vectors, vectors_b64 or "
+                                    "concept_ids")
 
     @model_api.post("/v1/sessions/{session_id}/append", response_model=SessionOut,
                     openapi_extra=body_schema(SessionAppendRequest))
@@ -245,10 +290,7 @@ class ModelServer:
             raise RequestError(503, "this model deployment has no session key, so it cannot "
                                     "verify session tokens: append through the router, or set "
                                     "LVM_SESSION_KEY / args.session_key for every application")
-        if ctx.texts is not None:
-            raise RequestError(422, "text input is encoded by the router: append texts at the "
-                                    "router's /v1/sessions/{id}/append; this endpoint takes "
-                                    "vectors, vectors_b64 or concept_ids")
+        self._no_texts(ctx, "append")
         timings = {"decode": ctx.decode_ms}
         state = ingress.session_state(self.codec, token, session_id)
         if state.model != self.name:

@@ -78,8 +78,8 @@ class NeighborOut(BaseModel):
 class PredictionOut(BaseModel):
     model: str
     route: str = Field(description="why this model: short, canary, canary_skip, rolled_back, "
-                                   "canary_blocked (Phase-3 fails the lane rule), explicit or "
-                                   "session")
+                                   "canary_blocked (Phase-3 fails the lane rule), explicit, "
+                                   "session, or direct (a model application's own /v1/predict)")
     context_length: int = Field(description="vectors in the request (or appended)")
     context_used: int = Field(description="vectors the model read in this call")
     neighbors: list[NeighborOut]
