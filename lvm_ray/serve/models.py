@@ -224,17 +224,25 @@ class ModelServer:
         return JSONResponse(await self._predict_direct(ctx, req.model, req.k,
                                                        req.return_vector, t0))
 
+    # No protobuf annotations on methods: Serve pickles the ingress class by value, and
+    # protobuf descriptors do not pickle.
     async def Predict(self, request, grpc_context=None):  # lvm_pb2.PredictRequest -> Prediction
         """gRPC twin of predict_http."""
+        return await self._grpc(request, grpc_context, lambda ctx, k, t0: self._predict_direct(
+            ctx, request.model or None, k, request.return_vector, t0))
+
+    async def _grpc(self, request, grpc_context, call):
+        """Decode a gRPC request's context, await call(ctx, k, t0), answer a Prediction (or the
+        error's gRPC status)."""
         t0 = time.perf_counter()
         try:
             k = request.k or 5
             ingress.check_k(k, self.user)
             ctx = ingress.proto_context(request.context, self.user)
-            return ingress.proto_prediction(await self._predict_direct(
-                ctx, request.model or None, k, request.return_vector, t0))
-        except RequestError as e:
-            return ingress.grpc_error(grpc_context, e.status, e.detail)
+            return ingress.proto_prediction(await call(ctx, k, t0))
+        except (RequestError, SessionError) as e:
+            detail = e.detail if isinstance(e, RequestError) else str(e)
+            return ingress.grpc_error(grpc_context, e.status, detail)
 
     async def _predict_direct(self, ctx, model: str | None, k: int, return_vector: bool,
                               t0: float) -> dict[str, Any]:
@@ -269,20 +277,10 @@ class ModelServer:
         return JSONResponse(await self._append_direct(session_id, req.state, ctx, req.k,
                                                       req.return_vector, t0))
 
-    # No protobuf annotations on methods: Serve pickles the ingress class by value, and
-    # protobuf descriptors do not pickle.
     async def Append(self, request, grpc_context=None):  # lvm_pb2.AppendRequest -> Prediction
         """gRPC twin of append_http."""
-        t0 = time.perf_counter()
-        try:
-            k = request.k or 5
-            ingress.check_k(k, self.user)
-            ctx = ingress.proto_context(request.context, self.user)
-            return ingress.proto_prediction(await self._append_direct(
-                request.session_id, request.state, ctx, k, request.return_vector, t0))
-        except (RequestError, SessionError) as e:
-            detail = e.detail if isinstance(e, RequestError) else str(e)
-            return ingress.grpc_error(grpc_context, e.status, detail)
+        return await self._grpc(request, grpc_context, lambda ctx, k, t0: self._append_direct(
+            request.session_id, request.state, ctx, k, request.return_vector, t0))
 
     async def _append_direct(self, session_id: str, token: str, ctx, k: int,
                              return_vector: bool, t0: float) -> dict[str, Any]:
