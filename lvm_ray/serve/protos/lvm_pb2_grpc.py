@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class LVMStub:
     """Served by the Router (the app's ingress): Predict routes like POST /v1/predict; Append is the
-    router's session append. A model app's own ingress serves Append directly (one hop less).
+    router's session append. A model app's own ingress serves both directly (one hop less):
+    Predict with that model only.
     """
 
     def __init__(self, channel):
@@ -50,7 +51,8 @@ class LVMStub:
 
 class LVMServicer:
     """Served by the Router (the app's ingress): Predict routes like POST /v1/predict; Append is the
-    router's session append. A model app's own ingress serves Append directly (one hop less).
+    router's session append. A model app's own ingress serves both directly (one hop less):
+    Predict with that model only.
     """
 
     def Predict(self, request, context):
@@ -88,7 +90,8 @@ def add_LVMServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class LVM:
     """Served by the Router (the app's ingress): Predict routes like POST /v1/predict; Append is the
-    router's session append. A model app's own ingress serves Append directly (one hop less).
+    router's session append. A model app's own ingress serves both directly (one hop less):
+    Predict with that model only.
     """
 
     @staticmethod
