@@ -1,7 +1,7 @@
 """The shipped Serve layout, deployed the way `lvm serve` does (run_config on
 serve_configs/hybrid.yaml with the test assets): the router app plus one app per model. Session
-appends and predicts go straight to the model's own endpoint and give the router's answers; gRPC gives the
-HTTP answers; `lvm serve` prints the address Serve really bound; an over-limit append body is
+appends and predicts go straight to the model's own endpoint and give the router's answers; gRPC
+gives the HTTP answers; `lvm serve` prints the address Serve really bound; an over-limit append body is
 answered with a 413 the client can read.
 """
 

@@ -306,9 +306,6 @@ class _BankColumns:
     def __init__(self, bank: ConceptBank):
         self.bank = bank
 
-    def small_ranges(self) -> list[tuple[int, int]]:
-        return []  # in memory already
-
     def rows(self, ids: np.ndarray) -> list[tuple[str, str, int]]:
         b = self.bank
         return [(str(b.texts[i]) if b.texts is not None else "", b.doc_id(i),
@@ -362,6 +359,7 @@ def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float 
     bytes) ranges `extra` (Linux; 0 elsewhere), by madvise(MADV_POPULATE_READ) or, on older
     kernels, one read per page."""
     import ctypes
+    import mmap
 
     maps = Path("/proc/self/maps")
     names = {str(Path(p).resolve()) for p in paths}
@@ -373,7 +371,7 @@ def populate_mappings(paths: tuple[Path, ...] | list[Path], max_fraction: float 
         if len(parts) == 6 and parts[5] in names:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             ranges.append((lo, hi - lo))
-    page = 4096
+    page = mmap.PAGESIZE
     for addr, n in extra:  # madvise wants page-aligned starts
         lo = addr - addr % page
         ranges.append((lo, n + addr - lo))
