@@ -175,13 +175,14 @@ def stage_index(bank_path: Path, ann: str, test_pred, val_pred) -> dict:
 def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contexts) -> dict:
     """The shipped topology (serve_configs/hybrid.yaml): each model its own application, the
     router in front. Batch-1 predicts through a handle to the model, over HTTP through the router
-    (proxy -> router -> model) and over HTTP straight to the model's application (proxy ->
-    model), each request in turn."""
+    (proxy -> router -> model), over HTTP straight to the model's application (proxy -> model)
+    and over HTTP to a model replica's own port (direct ingress, no proxy), each in turn."""
     import httpx
     from ray import serve
 
     from harness.net import free_port
     from lvm_ray.serve.app import make_app, make_model_app, model_app_name
+    from lvm_ray.serve.deploy import direct_ingress_targets
     from lvm_ray.serve.sessions import new_key
 
     key, prefix = new_key(), "scale-"
@@ -208,7 +209,8 @@ def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contex
     # replica's mapped files (tens of ms of kernel time at 1M), which would land in the tail.
     # Memory is sampled again after them (a request only adds the pages it touched).
     model = serve.get_deployment_handle("Phase2Model", phase2)
-    lat = {"handle": [], "http": [], "direct": [], "replica": []}
+    replicas = direct_ingress_targets().get(phase2, [])  # the model's replicas' own ports
+    lat = {k: [] for k in (*PATHS, "replica")}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         for i, ids in enumerate(contexts[: QUERIES + 20]):
             t = time.perf_counter()
@@ -217,7 +219,10 @@ def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contex
             if i >= 20:
                 lat["handle"].append(1000 * (time.perf_counter() - t))
                 lat["replica"].append(r["model_ms"])  # forward + search + rows, in the replica
-            for how, url in (("http", "/v1/predict"), ("direct", f"/{phase2}/v1/predict")):
+            urls = [("http", "/v1/predict"), ("direct", f"/{phase2}/v1/predict")]
+            if replicas:  # round robin, as a load balancer in front of them would
+                urls.append(("ingress", f"{replicas[i % len(replicas)]}/{phase2}/v1/predict"))
+            for how, url in urls:
                 t = time.perf_counter()
                 resp = client.post(url, json={"concept_ids": ids, "k": 10})
                 if i >= 20:
@@ -228,7 +233,7 @@ def stage_serve(bank_path: Path, checkpoint: str, index: str, user: dict, contex
     sample_ms = 1000 * (time.perf_counter() - t)
     serve.shutdown()
     return {**mem_row(s), "startup_s": startup, "mem_sample_ms": sample_ms,
-            **{f"{k}_p{q}_ms": float(np.percentile(v, q)) for k, v in lat.items()
+            **{f"{k}_p{q}_ms": float(np.percentile(v, q)) for k, v in lat.items() if v
                for q in (50, 95)}}
 
 
@@ -297,6 +302,12 @@ def _run_stages(row: dict, work: Path, label: str, n: int, d: int, ann: str,
     print(f"[scale] {label}: index", flush=True)
     row["index"] = stage_index(bank_path, ann, test_pred, val_pred)
     if not skip_serve:
+        # A serving node runs Serve alone: a fresh Ray, without the training stage's idle
+        # workers and object store contents.
+        import ray
+
+        ray.shutdown()
+        start_ray()
         for index, user in (("Flat", {}),
                             (ann, {row["index"]["param"]: row["index"]["param_value"]})):
             print(f"[scale] {label}: serve {index}", flush=True)
@@ -345,7 +356,7 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
     for r in big:
         rec = r["index"]["recall@10"]
         i = r["index"]
-        for how, path in PATHS.items():
+        for how, (_, path) in PATHS.items():
             if f"{how}_p95_ms" not in r[f"serve_{ann}"]:  # a row measured before that path
                 continue
             ratio = r[f"serve_{ann}"][f"{how}_p95_ms"] / r["serve_Flat"][f"{how}_p95_ms"]
@@ -361,8 +372,11 @@ def verdicts(rows: list[dict], ann: str) -> list[str]:
     return out
 
 
-PATHS = {"handle": "handle to the model", "http": "HTTP through the router",
-         "direct": "HTTP straight to the model's app"}
+# Request paths timed by stage_serve: key -> (column label, what it is).
+PATHS = {"handle": ("handle", "handle to the model"),
+         "http": ("HTTP router", "HTTP through the router"),
+         "direct": ("HTTP direct", "HTTP straight to the model's app, through the proxy"),
+         "ingress": ("HTTP replica port", "HTTP to a model replica's own port, direct ingress")}
 
 
 def plot(rows: list[dict], ann: str) -> None:
@@ -412,8 +426,7 @@ def row_cells(r: dict, i: dict, sf: dict, sa: dict, lat, ann: str) -> list[str]:
         f"{r['eval']['s']:.1f} ({r['eval']['pss_gb']:.1f})",
         f"{i[f'build_{ann}']['s']:.0f}", f"{i['recall@10']:.3f} ({i['param']}="
         f"{i['param_value']})", f"{sa.get('startup_s', 0):.0f}" if sa else "-",
-        lat(sf, "handle"), lat(sf, "http"), lat(sf, "direct"), lat(sa, "handle"),
-        lat(sa, "http"), lat(sa, "direct"),
+        *(lat(sf, k) for k in PATHS), *(lat(sa, k) for k in PATHS),
         f"{sf.get('serving_pss_gb', 0):.2f} / {sa.get('serving_pss_gb', 0):.2f}" if sa else "-"]
 
 
@@ -434,8 +447,9 @@ def report(rows: list[dict], ann: str, command: str, section: str = "scale") -> 
     headers = ["size", "ingest s (GB)", "load+windows s (GB)",
                "train ms/step (epoch s, GB median / peak)",
                "exact eval s (GB)", f"{ann} build s", "recall@10", "serve start s",
-               "P50/P95 ms handle Flat", "HTTP router Flat", "HTTP direct Flat",
-               f"handle {ann}", f"HTTP router {ann}", f"HTTP direct {ann}",
+               *(f"{'P50/P95 ms ' if k == 'handle' else ''}{label} Flat"
+                 for k, (label, _) in PATHS.items()),
+               *(f"{label} {ann}" for label, _ in PATHS.values()),
                f"serving GB Flat / {ann}"]
     table = []
     for r in rows:
@@ -467,8 +481,8 @@ def report(rows: list[dict], ann: str, command: str, section: str = "scale") -> 
 encoder; one Ray Train epoch of {TRAIN_WINDOWS} windows on 2 workers; exact evaluation of
 {EVAL_WINDOWS} test windows; serving as serve_configs/hybrid.yaml deploys it (each model its
 own application, 2 replicas each, the router in front), batch-1 predicts with a 100-concept
-context, {QUERIES} requests per path: a handle to the model, HTTP through the router, HTTP straight
-to the model's application). Memory: peak PSS (GB) of all processes of the
+context, {QUERIES} requests per path: {", ".join(what for _, what in PATHS.values())}; Serve in
+a fresh Ray, with direct ingress on). Memory: peak PSS (GB) of all processes of the
 run, the node's real use (shared pages counted once); "serving GB" counts only what a serving
 node runs (replicas, proxy, controller, raylet, gcs), not the bench's driver. Load average
 (1 min) at the start -> end of each size, and free memory: {loads}.
@@ -580,6 +594,15 @@ worker ~0.3 GB more whatever N is (10k vs 10kx768), a per-process cost, not a co
     write_section("scale_train", "Scale: training memory", body, command)
 
 
+def start_ray() -> None:
+    """The local Ray of one size (and of its serving stage): 2 CPUs, the dashboard on (Ray
+    Train polls its state API; `lvm serve` runs with it too)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=False, object_store_memory=int(min(8 * GB, mem_available() * 0.4)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10k,100k,1m,640kx768")
@@ -617,16 +640,17 @@ def main() -> None:
 
     from lvm_ray.serve.deploy import use_fast_serve_settings
 
-    use_fast_serve_settings()  # Serve as `lvm serve` runs it (read by the processes Ray starts)
+    # Serve as `lvm serve --direct-ingress` runs it (read by the processes Ray starts); no load
+    # balancer here to deregister a stopping replica, so its drain needs no 30 s hold.
+    use_fast_serve_settings(direct_ingress=True)
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     rows = []
     for s in args.sizes.split(","):
         n, d = parse_size(s)
         # A fresh Ray per size: the object store keeps the pages of a freed object resident
         # (its allocator reuses them, it does not return them), so a size run after a bigger
         # one would carry the other's bank in its memory figures.
-        ray.init(address="local", num_cpus=2, include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=False,
-                 object_store_memory=int(min(8 * GB, mem_available() * 0.4)))
+        start_ray()
         try:
             rows.append(run_size(s, n, d, args.ann, args.skip_serve, args.only_train))
         finally:

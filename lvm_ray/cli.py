@@ -208,7 +208,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lvm_ray.serve.deploy import run_config, use_fast_serve_settings
 
-    use_fast_serve_settings()  # before the local Ray starts: its processes read them
+    # Before the local Ray starts: its processes read them.
+    use_fast_serve_settings(direct_ingress=args.direct_ingress)
     init_ray(address=args.address, verbose=args.verbose)
     run_config(args.serve_config, blocking=True)
     return 0
@@ -326,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Ctrl-C")
     p.add_argument("serve_config", nargs="?", default="serve_configs/hybrid.yaml",
                    help="Serve config file (default: serve_configs/hybrid.yaml)")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="each application's replicas also answer HTTP on their own ports "
+                        "(printed), without the proxy's hop: for a load balancer in front "
+                        "(local Ray only; a cluster sets RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
     add_address_arg(p)
     p.set_defaults(fn=cmd_serve)
 

@@ -30,17 +30,44 @@ APPS = {"lvm_ray.serve.app:build_app": make_app,
 # buffered, GC frozen after start-up. Safe here because nothing lvm_ray runs on a replica's event
 # loop blocks for long: model batches above a few vectors and the text encoder run in threads,
 # and the rest (JSON parsing, a batch-1 append) takes a millisecond or two. Direct ingress (each
-# ingress replica on its own port, for an external load balancer) stays off: clients use the
-# proxy's address.
+# ingress replica also serves HTTP on its own port, for a load balancer in front) is opt-in:
+# clients use the proxy's address unless `lvm serve --direct-ingress`.
 FAST_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 
 
-def use_fast_serve_settings() -> None:
+def use_fast_serve_settings(direct_ingress: bool = False) -> None:
     """Put FAST_SERVE_ENV in this process's environment (unless set otherwise), so a local Ray
-    started after this call runs Serve in throughput-optimized mode. A Ray that is already
-    running, or a cluster, keeps the settings it was started with."""
+    started after this call runs Serve in throughput-optimized mode; direct_ingress: every
+    application's ingress replicas also answer HTTP on their own ports (direct_ingress_targets),
+    which skips the proxy's hop and its call back for the request body (BENCHMARKS.md, scale).
+    A Ray that is already running, or a cluster, keeps the settings it was started with."""
+    if direct_ingress:
+        os.environ[DIRECT_INGRESS_ENV] = "1"
     for k, v in FAST_SERVE_ENV.items():
         os.environ.setdefault(k, v)
+
+
+def direct_ingress_targets() -> dict[str, list[str]]:
+    """{application: its ingress replicas' own HTTP addresses} when Serve runs with direct
+    ingress; {} otherwise (Serve then only lists its proxies). Replicas come and go with
+    autoscaling: a load balancer reads these again (or runs Serve's HAProxy mode)."""
+    from ray.serve.context import _get_global_client
+
+    import ray
+
+    controller = _get_global_client()._controller
+    groups = ray.get(controller.get_target_groups.remote())
+    # A replica binds Serve's HTTP host (as the proxy does): the node's address only when that
+    # host is every interface.
+    host = ray.get(controller.get_http_config.remote()).host
+    out: dict[str, list[str]] = {}
+    for g in groups:
+        replicas = [t for t in g.targets if t.name.startswith("SERVE_REPLICA::")]
+        if g.protocol == "HTTP" and g.app_name and replicas:  # a str enum
+            out[g.app_name] = [f"http://{t.ip if host in ('0.0.0.0', '::') else host}:{t.port}"
+                               for t in replicas]
+    return out
 
 
 def app_from_config(app: dict[str, Any]) -> Application:
@@ -111,6 +138,8 @@ def run_config(path: str | Path, blocking: bool = True) -> dict[str, DeploymentH
     grpc = grpc_address()
     print(f"lvm_ray serving on {serving_address()}/ (OpenAPI at /docs)"
           + (f", gRPC on {grpc}" if grpc else "") + "; Ctrl-C stops it", flush=True)
+    for app, urls in direct_ingress_targets().items():
+        print(f"  {app}: direct ingress (no proxy hop) at {', '.join(urls)}", flush=True)
     if blocking:
         try:
             while True:
