@@ -121,7 +121,7 @@ def stage_train(cfg, holder: list, ws, work: Path) -> tuple[dict, str, object]:
         run = train_with_ray(cfg, bank, ws.train, ws.val, bank_ref=ref)
     h = run.history[-1]
     steps = h["train_windows"] // cfg.train.batch_size
-    return ({**mem_row(s), "step_ms": 1000 * h["step_seconds"], "steps": steps,
+    return ({**mem_row(s), "step_ms": 1000 * h["step_seconds_median"], "steps": steps,
              "epoch_s": h["train_seconds"]}, run.best_checkpoint, (ref, bank))
 
 
@@ -605,7 +605,7 @@ def start_ray() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="10k,100k,1m,640kx768")
+    ap.add_argument("--sizes", default="10k,100k,1m,10kx768,640kx768")
     ap.add_argument("--ann", default="HNSW32", help="FAISS index_factory string of the ANN index")
     ap.add_argument("--skip-serve", action="store_true")
     ap.add_argument("--section", default="scale",

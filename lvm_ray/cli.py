@@ -310,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/context_curve", help="output directory")
     p.set_defaults(fn=cmd_context_curve)
 
-    p = sub.add_parser("tune", help="sweep context length x InfoNCE alpha with Ray Tune "
-                                    "(objective: val Hit@5); the config's `tune:` section")
+    p = sub.add_parser("tune", help="sweep context length x InfoNCE alpha (x tune.grid's knobs) "
+                                    "with Ray Tune (objective: val Hit@5); the config's `tune:` "
+                                    "section")
     add_config_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (same config): finished trials are kept, "

@@ -266,7 +266,8 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """`lvm tune`: a sweep of context length x InfoNCE alpha (lvm_ray.distributed.tune)."""
+    """`lvm tune`: a sweep of context length x InfoNCE alpha x any `grid` axes
+    (lvm_ray.distributed.tune)."""
 
     name: str = "tune"  # sweep directory = <storage_path>/<name>
     storage_path: str | None = None  # None: run.storage_path
@@ -287,6 +288,10 @@ class TuneConfig:
     max_concurrent_trials: int = 2  # 0: as many as the resources allow
     alpha_buckets: int = 3  # random search: lines in the plot, log-spaced alpha bins
     evaluate_test: bool = True  # re-evaluate the best trial on test (CIs, baselines)
+    # More grid axes, over any config field, crossed with contexts x alpha: e.g.
+    # {"model.dropout": [0.0, 0.2], "train.weight_decay": [1.0e-4, 0.01]}. Each value is checked
+    # against its field when the sweep starts (lvm_ray.eval.sweep.check_grid).
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(bool(self.contexts) and min(self.contexts) >= 1,
@@ -304,6 +309,11 @@ class TuneConfig:
                 "gpus_per_worker >= 0")
         require(self.max_concurrent_trials >= 0 and self.alpha_buckets >= 1,
                 "tune.max_concurrent_trials must be >= 0 and alpha_buckets >= 1")
+        for key, values in self.grid.items():
+            require("." in key and key not in ("window.context", "loss.alpha"),
+                    f"tune.grid keys are dotted config fields other than window.context and "
+                    f"loss.alpha (tune.contexts / alphas), e.g. model.dropout; got {key!r}")
+            require(bool(values), f"tune.grid.{key} must be a non-empty list of values")
 
 
 @dataclass(frozen=True)
@@ -347,6 +357,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _coerce(v, inner, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")

@@ -63,6 +63,7 @@ def test_training_on_float16_vectors_runs_and_records_the_banks_identity(tmp_pat
     ws = prepare_windows(cfg, synthetic_bank)
     res = fit_local(cfg, synthetic_bank, ws.train, ws.val, tmp_path)
     assert np.isfinite(res["history"][0]["train_loss"]) and res["history"][0]["step_seconds"] > 0
+    assert 0 < res["history"][0]["step_seconds_median"] < 60
     ck = load_checkpoint(res["best_checkpoint"])
     assert ck.meta["data"] == synthetic_bank.identity()  # not the float16 copy's fingerprint
 

@@ -15,7 +15,8 @@ import pytest
 from lvm_ray.config import ConfigError, TuneConfig, WindowConfig, from_dict, load_config, merge
 from lvm_ray.data.windows import make_windows
 from lvm_ray.distributed import tune as sweep_mod
-from lvm_ray.eval.sweep import alpha_bucket, check_comparable, n_trials, objective_metric
+from lvm_ray.eval.sweep import (alpha_bucket, check_comparable, check_grid, n_trials,
+                                objective_metric, trial_config)
 from lvm_ray.workflows.sweep import run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -108,6 +109,51 @@ def reported(trial_dir):
 def starts(sweep_dir, trial_id):
     f = Path(sweep_dir) / sweep_mod.STARTS / f"{trial_id}.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines() if json.loads(x)["event"] == "start"]
+
+
+def test_grid_axes_set_any_field_and_are_checked_before_a_trial_starts(tmp_path):
+    sweep = parse_sweep({"contexts": [4, 8], "search": "grid", "alphas": [0.1, 1.0],
+                         "grid": {"model.dropout": [0.0, 0.2], "train.weight_decay": [0.01]}})
+    assert sweep.grid == {"model.dropout": (0.0, 0.2), "train.weight_decay": (0.01,)}
+    assert n_trials(sweep) == 2 * 2 * 2 * 1 * sweep.num_samples
+    cfg = with_sweep(base_config(tmp_path), sweep)
+    check_grid(cfg)
+    tcfg = trial_config(cfg, {"context": 4, "alpha": 1.0, "model.dropout": 0.2,
+                              "train.weight_decay": 0.01})
+    assert (tcfg.window.context, tcfg.loss.alpha) == (4, 1.0)
+    assert (tcfg.model.dropout, tcfg.train.weight_decay) == (0.2, 0.01)
+    assert cfg.model.dropout != 0.2 or cfg.train.weight_decay != 0.01  # the base is untouched
+    for bad, match in (({"dropout": [0.1]}, "dotted"), ({"window.context": [4]}, "dotted"),
+                       ({"model.dropout": []}, "non-empty")):
+        with pytest.raises(ConfigError, match=match):
+            parse_sweep({"grid": bad})
+    for bad, match in (({"model.dropout": [0.0, 1.5]}, r"tune.grid.model.dropout = 1.5"),
+                       ({"model.no_such_field": [1]}, "no_such_field"),
+                       ({"train.lr": ["fast"]}, "train.lr")):
+        with pytest.raises(ConfigError, match=match):
+            check_grid(with_sweep(base_config(tmp_path), parse_sweep({"grid": bad})))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_over_a_grid_axis_trains_each_value_and_keeps_the_better(ray_session,
+                                                                      synthetic_bank, tmp_path):
+    # A learning rate of 1e-7 leaves the model where it started: lr must win by a wide margin.
+    sweep = parse_sweep({"name": "grid", "search": "grid", "contexts": [8], "alphas": [0.03],
+                         "num_samples": 1, "grace_period": 3, "max_concurrent_trials": 2,
+                         "grid": {"train.lr": [1.0e-7, 3.0e-3]}})
+    res = run_sweep(with_sweep(base_config(tmp_path), sweep), bank=synthetic_bank)
+    assert res.status == "finished" and len(res.rows) == 2
+    by_lr = {r["train.lr"]: r for r in res.rows}
+    assert set(by_lr) == {1.0e-7, 3.0e-3} and res.best["train.lr"] == 3.0e-3
+    assert by_lr[3.0e-3][METRIC] > by_lr[1.0e-7][METRIC] + 0.1
+    for lr, row in by_lr.items():  # each trial trained with its own value, and says so
+        meta = json.loads((Path(row["checkpoint"]) / "checkpoint.json").read_text())
+        assert meta["config"]["train"]["lr"] == lr
+    d = Path(res.sweep_dir)
+    assert json.loads((d / "best.json").read_text())["config"]["train"]["lr"] == 3.0e-3
+    assert "| lr=0.003 |" in (d / "results.md").read_text()
+    assert "lr=0.003" in (d / "test_report.md").read_text()
 
 
 @pytest.mark.ray

@@ -32,8 +32,8 @@ from lvm_ray.data.coherence import coherence_gate
 from lvm_ray.data.windows import check_windows, make_windows
 from lvm_ray.device import resolve_device
 from lvm_ray.distributed.trainer import build_trainer
-from lvm_ray.eval.sweep import (EPOCHS_RUN, TrialRecord, check_comparable, n_trials,
-                                objective_metric, trial_config)
+from lvm_ray.eval.sweep import (EPOCHS_RUN, TrialRecord, check_comparable, check_grid,
+                                n_trials, objective_metric, trial_config)
 from lvm_ray.storage import absolute, is_uri
 from lvm_ray.train.loop import Runtime, fit, local_epoch_indices
 from lvm_ray.train.tracking import check_available, mlflow_uri, tracking_key
@@ -43,13 +43,15 @@ STARTS = "trial_starts"  # one JSON-lines file per trial: every start, resume an
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
-    """Tune param_space: context is always a grid; alpha is log-uniform (random) or a grid."""
+    """Tune param_space: context is always a grid; alpha is log-uniform (random) or a grid;
+    each tune.grid axis a grid."""
     from ray import tune
 
     s = cfg.tune
     alpha = (tune.grid_search(list(s.alphas)) if s.search == "grid"
              else tune.loguniform(*s.alpha_range))
-    return {"context": tune.grid_search(list(s.contexts)), "alpha": alpha}
+    return {"context": tune.grid_search(list(s.contexts)), "alpha": alpha,
+            **{k: tune.grid_search(list(v)) for k, v in s.grid.items()}}
 
 
 def sweep_dir_of(cfg: Config) -> str:
@@ -244,6 +246,7 @@ def run_trials(cfg: Config, bank: ConceptBank, sweep_dir: str,
     # num_to_keep=1 makes Tune snapshot its state at every checkpoint (a few ms here) and warn.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     s = cfg.tune
+    check_grid(cfg)
     check_comparable(bank, cfg)
     metric = objective_metric(cfg)
     # Numeric arrays only (no texts): every trial maps the same object-store copy.
@@ -251,8 +254,9 @@ def run_trials(cfg: Config, bank: ConceptBank, sweep_dir: str,
               "sweep_dir": sweep_dir}
     trainable = tune.with_resources(tune.with_parameters(lvm_trial, shared=shared),
                                     trial_resources(cfg))
+    grid = "".join(f" x {k} {list(v)}" for k, v in s.grid.items())
     say(f"sweep {sweep_dir}: {n_trials(s)} trials ({s.search}: contexts {list(s.contexts)} x "
-        f"alpha), objective {metric} (max), scheduler {s.scheduler}, "
+        f"alpha{grid}), objective {metric} (max), scheduler {s.scheduler}, "
         f"{'resuming' if resume else 'starting'}")
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)

@@ -47,14 +47,40 @@ def objective_metric(cfg: Config) -> str:
 
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
-    """The full config one trial trains with: the base with its sampled values."""
-    return merge(base, {"window": {"context": int(params["context"])},
-                        "loss": {"alpha": float(params["alpha"])}})
+    """The full config one trial trains with: the base with its sampled values (context, alpha
+    and one value of each tune.grid axis, keyed by its dotted field name)."""
+    over: dict[str, Any] = {"window": {"context": int(params["context"])},
+                            "loss": {"alpha": float(params["alpha"])}}
+    for key in base.tune.grid:
+        *parents, name = key.split(".")
+        node = over
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = params[key]
+    return merge(base, over)
+
+
+def check_grid(base: Config) -> None:
+    """Every tune.grid value must fit its field: ConfigError before any trial starts."""
+    for key, values in base.tune.grid.items():
+        for v in values:
+            params = {"context": base.tune.contexts[0], "alpha": base.loss.alpha,
+                      **{k: vs[0] for k, vs in base.tune.grid.items()}, key: v}
+            try:
+                trial_config(base, params)
+            except ConfigError as e:
+                raise ConfigError(f"tune.grid.{key} = {v!r}: {e}") from None
+
+
+def grid_label(params: dict[str, Any], s: TuneConfig) -> str:
+    """A trial's tune.grid values, for tables and plot legends ('' without a grid)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={params[k]:g}" if isinstance(params[k], float)
+                     else f"{k.rsplit('.', 1)[-1]}={params[k]}" for k in s.grid)
 
 
 def n_trials(s: TuneConfig) -> int:
     per_context = len(s.alphas) if s.search == "grid" else 1
-    return len(s.contexts) * per_context * s.num_samples
+    return len(s.contexts) * per_context * s.num_samples * math.prod(map(len, s.grid.values()))
 
 
 def check_comparable(bank: ConceptBank, base: Config) -> None:
@@ -109,11 +135,16 @@ def trial_rows(records: list[TrialRecord], cfg: Config) -> list[dict[str, Any]]:
         def at_best(key: str) -> float:
             return float(best[key]) if best is not None and key in best else float("nan")
 
+        grid = grid_label(c, cfg.tune)
         rows.append({
             "trial_id": rec.trial_id,
             "context": int(c["context"]),
             "alpha": float(c["alpha"]),
-            "alpha_bucket": alpha_bucket(float(c["alpha"]), cfg.tune),
+            **{k: c[k] for k in cfg.tune.grid},
+            "grid": grid,
+            # The plot's lines: alpha bucket, and the grid's values when there is a grid.
+            "alpha_bucket": alpha_bucket(float(c["alpha"]), cfg.tune)
+                            + (f", {grid}" if grid else ""),
             metric: at_best(metric),
             "val_ca": at_best("val_ca"),
             "val_margin": at_best("val_margin"),
@@ -127,7 +158,7 @@ def trial_rows(records: list[TrialRecord], cfg: Config) -> list[dict[str, Any]]:
             "checkpoint": _checkpoint(best, rec),
             "trial_dir": rec.path,
         })
-    rows.sort(key=lambda r: (r["context"], r["alpha"]))
+    rows.sort(key=lambda r: (r["context"], r["alpha"], r["grid"]))
     return rows
 
 
@@ -176,14 +207,15 @@ def write_tables(rows: list[dict[str, Any]], baselines: dict[str, dict], cfg: Co
         "every context length is scored on the same val targets",
         "- values at each trial's best epoch (the checkpoint kept); Hit and CA in %", "",
         f"| trial | context | alpha | {label} % | CA % | margin | epochs | best epoch | ended "
-        "| starts | checkpoint |",
-        "|---" * 11 + "|",
+        f"| starts | checkpoint |{' grid |' if cfg.tune.grid else ''}",
+        "|---" * (11 + bool(cfg.tune.grid)) + "|",
     ]
     for r in rows:
         lines.append(
             f"| {r['trial_id']} | {r['context']} | {r['alpha']:.4g} | {100 * r[metric]:.2f} | "
             f"{100 * r['val_ca']:.2f} | {r['val_margin']:.4f} | {r['epochs_run']} | "
-            f"{r['best_epoch']} | {r['ended']} | {r['starts']} | {_fmt(r['checkpoint'])} |")
+            f"{r['best_epoch']} | {r['ended']} | {r['starts']} | {_fmt(r['checkpoint'])} |"
+            + (f" {r['grid']} |" if cfg.tune.grid else ""))
     key = metric[len("val_"):]
     lines += ["", "Baselines on the same val windows:", "",
               f"| baseline | {label} % | CA % | margin |", "|---|---|---|---|"]

@@ -279,12 +279,14 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
                  for i in range(0, len(idx) - tc.micro_batch + 1, tc.micro_batch))
         totals: dict[str, float] = {}
         n_steps = 0
+        step_ends = [t_steps]  # per-step times: a median that one slow step does not move
         for group in groups_of(micro, accum):
             s = train_group(model, group, opt, sched, cfg.loss, tc, coll, negative_pool,
                             doc_end)
             for k, v in s.items():
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1
+            step_ends.append(time.perf_counter())
             if rt.log_every and n_steps % rt.log_every == 0 and coll.rank == 0:
                 log.info("epoch %d step %d/%d loss %.4f", epoch, n_steps, spe, s["loss"])
         train_time = time.perf_counter() - t0
@@ -300,6 +302,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
             "train_windows": int(len(idx)) * coll.world_size,
             "train_seconds": train_time,
             "step_seconds": step_time,
+            "step_seconds_median": float(np.median(np.diff(step_ends))) if n_steps else 0.0,
             "windows_per_s": len(idx) * coll.world_size / max(train_time, 1e-9),
             "best_epoch": stopper.best_epoch,
             f"best_val_{select}": stopper.best,

@@ -126,7 +126,8 @@ def evaluate_best_trial(best: dict[str, Any], cfg: Config, bank: ConceptBank,
     tcfg = trial_config(cfg, best)
     ck = load_checkpoint(best["checkpoint"])
     ws = prepare_windows(tcfg, bank)
-    name = f"best trial {best['trial_id']} (L={best['context']}, alpha={best['alpha']:.3g})"
+    grid = f", {best['grid']}" if best.get("grid") else ""
+    name = f"best trial {best['trial_id']} (L={best['context']}, alpha={best['alpha']:.3g}{grid})"
     results = evaluate_on_windows({name: ck.model}, bank, ws.baseline_train, ws.val, ws.test,
                                   tcfg)
     metric = objective_metric(cfg)
