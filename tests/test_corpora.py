@@ -47,3 +47,50 @@ def test_kjv_recipe_without_the_program_says_what_to_install(tmp_path, capsys):
     assert kjv_module().main(["--bible", str(tmp_path / "nope"), "--out",
                               str(tmp_path / "x.jsonl")]) == 2
     assert "apt-get install bible-kjv" in capsys.readouterr().err
+
+
+def merge_module():
+    spec = importlib.util.spec_from_file_location("merge_banks",
+                                                  ROOT / "scripts/corpora/merge_banks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_merged_bank_keeps_each_corpus_documents_positions_and_splits(tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import pytest
+
+    from lvm_ray.config import WindowConfig
+    from lvm_ray.data.bank import load_bank, save_bank
+    from lvm_ray.data.synthetic import make_synthetic_bank
+    from lvm_ray.data.windows import make_windows
+
+    # Both banks name their documents alike: the corpus prefix must keep them apart.
+    a = make_synthetic_bank(n_docs=12, doc_len=(20, 30), dim=16, seed=0)
+    b = make_synthetic_bank(n_docs=8, doc_len=(20, 30), dim=16, seed=1)
+    for bank in (a, b):
+        bank.meta.update(encoder="enc-x", dim=16)
+    pa_, pb = save_bank(a, tmp_path / "a.parquet"), save_bank(b, tmp_path / "b.parquet")
+    merge = merge_module()
+    assert merge.main(["--out", str(tmp_path / "m.parquet"), f"one={pa_}", f"two={pb}"]) == 0
+    m = load_bank(tmp_path / "m.parquet")
+    n = len(a)
+    assert len(m) == n + len(b)
+    np.testing.assert_array_equal(m.vectors, np.concatenate([a.vectors, b.vectors]))
+    assert list(m.doc_ids[:n]) == [f"one/{d}" for d in a.doc_ids]
+    assert list(m.doc_ids[n:]) == [f"two/{d}" for d in b.doc_ids]
+    assert list(m.splits) == list(a.splits) + list(b.splits)
+    np.testing.assert_array_equal(m.positions, np.concatenate([a.positions, b.positions]))
+    assert list(m.texts[n:]) == list(b.texts)
+    assert m.meta["encoder"] == "enc-x" and set(m.meta["corpus"]["parts"]) == {"one", "two"}
+    # Alike names stay two documents each: windows (one document each) never span corpora.
+    assert len(set(m.doc_ids)) == len(set(a.doc_ids)) + len(set(b.doc_ids))
+    ws = make_windows(m, "train", WindowConfig(context=8, min_context=2))
+    assert len(ws) == len(make_windows(a, "train", WindowConfig(context=8, min_context=2))) + \
+        len(make_windows(b, "train", WindowConfig(context=8, min_context=2)))
+    other = dataclasses.replace(b, meta={**b.meta, "encoder": "enc-y"})
+    with pytest.raises(ValueError, match="one encoder"):
+        merge.merge_banks({"one": a, "two": other})
