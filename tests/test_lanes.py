@@ -82,9 +82,10 @@ def test_lane_json_round_trip_and_markdown(tmp_path):
                                                bootstrap=50)}
     lanes = ln.Lanes(np.array([0, 1], np.int16), "kmeans(k=2, train)", {0: ["a"], 1: ["b"]})
     doc = ln.lane_document({"model": m, "copy-last": b}, "model", lanes, "test")
-    assert ln.lane_report(tmp_path) is None
-    ln.write_lanes(tmp_path, doc)
-    back = ln.lane_report(tmp_path)
+    out = tmp_path / "report" / "model"  # not there yet, as under `lvm evaluate --out NEW_DIR`
+    assert ln.lane_report(out) is None
+    ln.write_lanes(out, doc)
+    back = ln.lane_report(out)
     assert back["model"] == "model" and back["canary_ok"] is False
     assert [r["lane"] for r in back["lanes"]] == [0, 1] and back["lanes"][0]["hit"] == 0.5
     assert back["labels"] == {"0": ["a"], "1": ["b"]} and "copy-last" in back["baselines"]

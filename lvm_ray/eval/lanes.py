@@ -172,6 +172,7 @@ def lane_document(results: dict[str, dict[str, Any]], model: str, lanes: Lanes, 
 
 def write_lanes(checkpoint_dir: str | Path, doc: dict[str, Any]) -> Path:
     path = Path(checkpoint_dir) / LANES_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)  # `lvm evaluate --out NEW_DIR` writes here first
     path.write_text(json.dumps(doc, indent=2))
     return path
 
