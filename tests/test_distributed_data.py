@@ -55,3 +55,23 @@ def test_ray_data_ingest_matches_plain_ingest(ray_session, tmp_path):
     assert {p.name: p.stat().st_mtime_ns
             for p in (tmp_path / "ray" / "bank").glob("part-*")} == mtimes
     assert load_bank(resumed.bank_path).content_hash() == b.content_hash()
+
+
+def test_encoder_actor_prints_progress_inside_a_shard_and_encodes_the_same(tmp_path, capsys,
+                                                                           monkeypatch):
+    # A shard can take minutes on a CPU; the actor prints progress lines (Ray forwards them to
+    # the driver) and slicing must not change a single vector.
+    from lvm_ray.data.encoders import get_encoder
+    from lvm_ray.distributed import data as dd
+
+    cfg = load_config(overrides={"encoder": {"name": "hashing-64", "batch_size": 4}})
+    monkeypatch.setattr(dd, "PROGRESS_SLICE", 8)
+    monkeypatch.setattr(dd, "PROGRESS_SECONDS", 0.0)
+    w = dd.ShardWriter(cfg.corpus, cfg.encoder, {}, str(tmp_path / "bank"))
+    texts = [f"sentence number {i} of the shard" for i in range(30)]
+    got = w.encode(texts)
+    want = get_encoder(cfg.encoder).encode(texts, batch_size=4)
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"shard -1: encoded {n} / 30 chunks" for n in (8, 16, 24)]
+    assert w.encode([]).shape[0] == 0

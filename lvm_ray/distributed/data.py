@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from lvm_ray.data.shards import (ShardPlan, Survey, finish_shards, log_plan, pla
                                  prepare_out_dir, survey, survey_corpus, write_shard)
 
 log = logging.getLogger(__name__)
+PROGRESS_SLICE = 4096  # texts per encode call inside a shard
+PROGRESS_SECONDS = 15.0  # at most one progress line per actor this often
 
 
 def _survey_batch(batch: dict[str, np.ndarray], corpus: CorpusConfig,
@@ -49,16 +52,31 @@ class ShardWriter:
         # One intra-op thread per CPU the actor owns: oversubscribed OpenMP threads spin.
         torch.set_num_threads(max(1, threads))
         self.corpus, self.meta, self.out_dir = corpus, meta, out_dir
+        self.shard = -1  # the shard being written (progress lines name it)
         self.batch_size = encoder.batch_size
         # An exported backend (encoder.backend onnx...) is cached beside the bank's other caches.
         self.encoder = get_encoder(encoder, export_root=cache_dir_for(out_dir) / "encoders")
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self.encoder.encode(texts, batch_size=self.batch_size)
+        # In slices, printing progress: a shard can take minutes on a CPU, and the driver only
+        # hears of it when it is written (Ray forwards an actor's stdout to the driver).
+        step, out, last = max(self.batch_size, PROGRESS_SLICE), [], time.monotonic()
+        for i in range(0, len(texts), step):
+            out.append(self.encoder.encode(texts[i:i + step], batch_size=self.batch_size))
+            done = min(i + step, len(texts))
+            if done < len(texts) and time.monotonic() - last >= PROGRESS_SECONDS:
+                print(f"shard {self.shard}: encoded {done:,} / {len(texts):,} chunks", flush=True)
+                last = time.monotonic()
+        return np.concatenate(out) if out else self.encoder.encode(texts,
+                                                                   batch_size=self.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [write_shard(self.corpus, ShardPlan.from_dict(json.loads(s)), self.meta,
-                            self.out_dir, self.encode)["rows"] for s in batch["shard"]]
+        rows = []
+        for s in batch["shard"]:
+            plan = ShardPlan.from_dict(json.loads(s))
+            self.shard = plan.index
+            rows.append(write_shard(self.corpus, plan, self.meta, self.out_dir,
+                                    self.encode)["rows"])
         return {"rows": np.array(rows, dtype=np.int64)}
 
 
