@@ -212,5 +212,12 @@ def test_lvm_serve_starts_ray_with_the_fast_serve_settings(monkeypatch):
         {k: __import__("os").environ.get(k) for k in deploy.FAST_SERVE_ENV}))
     monkeypatch.setattr(deploy, "run_config", lambda path, blocking: None)
     cli.cmd_serve(argparse.Namespace(serve_config="serve_configs/hybrid.yaml", address=None,
-                                     verbose=False))
+                                     verbose=False, direct_ingress=False))
     assert seen == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    # Without the user's setting: off unless --direct-ingress (replica ports must be reachable).
+    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS")
+    for flag, want in ((False, "0"), (True, "1")):
+        monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+        cli.cmd_serve(argparse.Namespace(serve_config="serve_configs/hybrid.yaml", address=None,
+                                         verbose=False, direct_ingress=flag))
+        assert seen["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == want
