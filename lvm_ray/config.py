@@ -525,10 +525,15 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
+    return nested(key.strip(), yaml.safe_load(raw))
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """A dotted field name and its value as merge() takes them: `train.lr`, 3e-4 ->
+    {"train": {"lr": 0.0003}}."""
     out: dict[str, Any] = {}
     node = out
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value

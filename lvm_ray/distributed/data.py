@@ -60,6 +60,8 @@ class ShardWriter:
     def encode(self, texts: list[str]) -> np.ndarray:
         # In slices, printing progress: a shard can take minutes on a CPU, and the driver only
         # hears of it when it is written (Ray forwards an actor's stdout to the driver).
+        if not texts:
+            return self.encoder.encode(texts, batch_size=self.batch_size)
         step, out, last = max(self.batch_size, PROGRESS_SLICE), [], time.monotonic()
         for i in range(0, len(texts), step):
             out.append(self.encoder.encode(texts[i:i + step], batch_size=self.batch_size))
@@ -67,8 +69,7 @@ class ShardWriter:
             if done < len(texts) and time.monotonic() - last >= PROGRESS_SECONDS:
                 print(f"shard {self.shard}: encoded {done:,} / {len(texts):,} chunks", flush=True)
                 last = time.monotonic()
-        return np.concatenate(out) if out else self.encoder.encode(texts,
-                                                                   batch_size=self.batch_size)
+        return np.concatenate(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []

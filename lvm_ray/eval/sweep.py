@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lvm_ray.config import Config, ConfigError, TuneConfig, merge
+from lvm_ray.config import Config, ConfigError, TuneConfig, deep_update, merge, nested
 from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import make_windows
 from lvm_ray.eval.baselines import evaluate_baselines, fit_baselines
@@ -52,11 +52,7 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     over: dict[str, Any] = {"window": {"context": int(params["context"])},
                             "loss": {"alpha": float(params["alpha"])}}
     for key in base.tune.grid:
-        *parents, name = key.split(".")
-        node = over
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = params[key]
+        deep_update(over, nested(key, params[key]))
     return merge(base, over)
 
 
