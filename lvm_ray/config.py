@@ -199,7 +199,8 @@ class TrainConfig:
     step_targets: int = 100
     # Start from this checkpoint's weights (weights only: a fresh optimiser, schedule and early
     # stopping), e.g. fine-tune a general model on one corpus. Its model config must match
-    # model.* except dropout.
+    # model.* except dropout. The start is scored on val as epoch -1 (checkpoint epoch_-01) and
+    # kept unless an epoch beats it.
     init_from: str | None = None
     seed: int = 0
     device: str = "auto"

@@ -1,5 +1,6 @@
-"""Corpus recipes outside the package: the King James Bible (scripts/corpora/kjv.py), run here
-against a stand-in for Debian's `bible` program that prints the same format."""
+"""Corpus recipes outside the package: the King James Bible (scripts/corpora/kjv.py) and SWORD
+commentaries (scripts/corpora/sword.py), run here against stand-ins for Debian's `bible` and
+`diatheke` programs that print the same formats."""
 
 import importlib.util
 import json
@@ -12,11 +13,15 @@ from lvm_ray.data.corpus import load_documents
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def kjv_module():
-    spec = importlib.util.spec_from_file_location("kjv", ROOT / "scripts/corpora/kjv.py")
+def script_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"scripts/corpora/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def kjv_module():
+    return script_module("kjv")
 
 
 def fake_bible(tmp_path: Path) -> Path:
@@ -50,11 +55,67 @@ def test_kjv_recipe_without_the_program_says_what_to_install(tmp_path, capsys):
 
 
 def merge_module():
-    spec = importlib.util.spec_from_file_location("merge_banks",
-                                                  ROOT / "scripts/corpora/merge_banks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return script_module("merge_banks")
+
+
+def fake_diatheke(tmp_path: Path) -> Path:
+    """Prints a commentary chapter the way `diatheke -b TDavid -k "Psalms N"` does: one entry per
+    verse (the chapter's text on verse 1, the rest empty), OSIS markup, the module's name last;
+    chapter 3 has no commentary."""
+    ps1 = ('Psalms 1:1: <title type="x-s">Psalm 1 OVERVIEW</title> <div sID="g1" type="x-p"/>'
+           '<hi type="italic">Blessed &amp; happy.</hi> The man walks not. <div eID="g1" '
+           'type="x-p"/> <div sID="g2" type="x-p"/><hi type="bold">Verse 1.</hi> He is like a '
+           'tree. <hi type="italic">John Trapp.</hi><div eID="g2" type="x-p"/>\n'
+           'Psalms 1:2: \nPsalms 1:3: Planted by the rivers.\n(TDavid)')
+    ps2 = 'Psalms 2:1: Why do the heathen rage?\nPsalms 2:2: \n(TDavid)'
+    exe = tmp_path / "diatheke"
+    exe.write_text('#!/bin/sh\ncase "$4" in\n'
+                   f"  'Psalms 1') printf '%s\\n' '{ps1}' ;;\n"
+                   f"  'Psalms 2') printf '%s\\n' '{ps2}' ;;\n"
+                   "  *) printf '(TDavid)\\n' ;;\nesac\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe
+
+
+def test_sword_recipe_writes_one_plain_text_document_per_chapter(tmp_path):
+    sword = script_module("sword")
+    out = tmp_path / "tdavid.jsonl"
+    assert sword.main(["--diatheke", str(fake_diatheke(tmp_path)), "--chapters", "3",
+                       "--out", str(out)]) == 0
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [d["id"] for d in docs] == ["TDavid-001", "TDavid-002"]  # chapter 3: no text
+    assert docs[0]["title"] == "Psalms 1"
+    assert docs[0]["text"].split("\n\n") == [  # title, verse label and credit dropped
+        "Blessed & happy. The man walks not.", "He is like a tree.", "Planted by the rivers."]
+    assert "<" not in docs[0]["text"] and "TDavid" not in docs[1]["text"]
+    assert docs[1]["text"] == "Why do the heathen rage?"
+    loaded, skipped = load_documents(CorpusConfig(source="jsonl", path=str(out)))
+    assert [d.doc_id for d in loaded] == ["TDavid-001", "TDavid-002"] and not skipped
+
+
+def test_sword_recipe_drops_navigation_that_would_repeat_as_concepts():
+    """Labels, headings and credits would each be a concept repeated hundreds of times across
+    the commentary; prose, including its enumerations and a closing name that is part of a
+    sentence, stays."""
+    drop = script_module("sword").drop_markers
+    assert drop("EXPLANATORY NOTES AND QUAINT SAYINGS.") == ""
+    assert drop("Ver. 3. — The soul restored.") == "The soul restored."
+    assert drop("( last clause ). The calm of the good man's end.") == \
+        "The calm of the good man's end."
+    assert drop("He walks not. John Trapp, 1660") == "He walks not."
+    assert drop("It is a dream. — Augustine.") == "It is a dream."
+    assert drop("Six marks: 1. They know him. 2. They follow. II. The sinner has his way; and "
+                "III. The scorner sits.") == ("Six marks: 1) They know him. 2) They follow. "
+                                              "II) The sinner has his way; and III) The scorner sits.")
+    kept = "He thought of it as in Psalm 2. The next thing came from the Lord Jesus Christ."
+    assert drop(kept) == kept
+    assert drop("Praise ye the Lord. Selah.") == "Praise ye the Lord. Selah."
+
+
+def test_sword_recipe_without_the_program_says_what_to_install(tmp_path, capsys):
+    assert script_module("sword").main(["--diatheke", str(tmp_path / "nope"), "--out",
+                                        str(tmp_path / "x.jsonl")]) == 2
+    assert "apt-get install diatheke" in capsys.readouterr().err
 
 
 def test_merged_bank_keeps_each_corpus_documents_positions_and_splits(tmp_path):

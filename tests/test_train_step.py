@@ -171,10 +171,22 @@ def test_init_from_starts_from_the_checkpoints_weights(tmp_path, synthetic_bank)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.items())
     with pytest.raises(ValueError, match="hidden"):
         init_weights(build_model(merge(mcfg, {"hidden": 16})), merge(mcfg, {"hidden": 16}), src)
-    # Through fit: one epoch at lr ~0 from the checkpoint keeps its val score.
-    tiny = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 1, "lr": 1e-12,
+    # Through fit: the start is scored as epoch -1 (the checkpoint's own val score), and epochs
+    # at lr ~0 that only tie it do not replace it: the run ends with the starting weights.
+    tiny = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 2, "lr": 1e-12,
                                                                 "init_from": src}})
     res = fit_local(tiny, synthetic_bank, ws.train, ws.val, tmp_path / "ft")
     first = fit_local(cfg, synthetic_bank, ws.train, ws.val, tmp_path / "again")
+    assert [h["epoch"] for h in res["history"]] == [-1, 0, 1]
     assert res["history"][0]["val_bank_hit@5"] == pytest.approx(
         first["history"][0]["val_bank_hit@5"])
+    assert res["best_epoch"] == -1 and res["best_checkpoint"].endswith("epoch_-01")
+    kept = load_checkpoint(res["best_checkpoint"]).model.state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in trained.items())
+    # A fine-tune that does learn replaces the start: from an untrained-for-long start at a
+    # working learning rate, some epoch beats it and the start's checkpoint is dropped.
+    ft = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 4, "init_from": src}})
+    res = fit_local(ft, synthetic_bank, ws.train, ws.val, tmp_path / "ft2")
+    assert res["best_epoch"] >= 0
+    assert res["history"][res["best_epoch"] + 1]["val_bank_hit@5"] > res["history"][0][
+        "val_bank_hit@5"]

@@ -266,6 +266,45 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
                if cfg.loss.hard_negatives > 0 else None)
     summary: dict[str, Any] = {}
 
+    def record(epoch: int, row: dict[str, Any], val: dict[str, Any]) -> None:
+        """Early stopping, the history, a checkpoint when val improved, the report, one line."""
+        nonlocal summary
+        improved = stopper.update(float(val[select]), epoch)
+        row = {**row, **{f"val_{k}": v for k, v in val.items()},
+               "best_epoch": stopper.best_epoch, f"best_val_{select}": stopper.best,
+               "improved": improved}
+        history.append(row)
+        ckpt_dir = None
+        if improved and coll.rank == 0:
+            ckpt_dir = save_checkpoint(
+                rt.checkpoint_root / f"epoch_{epoch:03d}", model, cfg.model, epoch=epoch,
+                metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
+                data=bank.identity(), config=to_dict(cfg),
+                train_state={
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "early_stopping": stopper.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "history_json": json.dumps(history),
+                })
+        rt.report(row, ckpt_dir)
+        summary = row
+        if coll.rank == 0:
+            # stdout, not logging: under Ray the worker's stdout is what reaches the driver.
+            name = "start" if epoch < 0 else f"epoch {epoch}"
+            say(f"{name}: loss {row['train_loss']:.4f}  val {select} "
+                f"{val[select]:.4f}  best {stopper.best:.4f} @{stopper.best_epoch}  "
+                f"{row['windows_per_s']:.0f} windows/s{'  *saved' if improved else ''}")
+
+    if tc.init_from and rt.resume_from is None:
+        # The starting weights are epoch -1 (checkpoint epoch_-01): a fine-tune that never beats
+        # them on val ends with them, instead of with the least bad epoch of a run that only lost.
+        val = evaluate_model(model, bank, val_eval, cfg, coll, device, bootstrap=0)
+        record(-1, {"epoch": -1, "train_loss": float("nan"), "train_windows": 0,
+                    "train_seconds": 0.0, "step_seconds": 0.0, "step_seconds_median": 0.0,
+                    "windows_per_s": 0.0}, val)
+
     for epoch in range(start_epoch, tc.max_epochs):
         if stopper.should_stop:
             break
@@ -293,43 +332,16 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         step_time = (time.perf_counter() - t_steps) / max(1, n_steps)
         train_stats = coll.all_reduce_mean({k: v / max(1, n_steps) for k, v in totals.items()})
         val = evaluate_model(model, bank, val_eval, cfg, coll, device, bootstrap=0)
-        improved = stopper.update(float(val[select]), epoch)
-        row = {
+        record(epoch, {
             "epoch": epoch,
             "train_loss": train_stats.get("loss", float("nan")),
             **{f"train_{k}": v for k, v in train_stats.items() if k != "loss"},
-            **{f"val_{k}": v for k, v in val.items()},
             "train_windows": int(len(idx)) * coll.world_size,
             "train_seconds": train_time,
             "step_seconds": step_time,
             "step_seconds_median": float(np.median(np.diff(step_ends))) if n_steps else 0.0,
             "windows_per_s": len(idx) * coll.world_size / max(train_time, 1e-9),
-            "best_epoch": stopper.best_epoch,
-            f"best_val_{select}": stopper.best,
-            "improved": improved,
-        }
-        history.append(row)
-        ckpt_dir = None
-        if improved and coll.rank == 0:
-            ckpt_dir = save_checkpoint(
-                rt.checkpoint_root / f"epoch_{epoch:03d}", model, cfg.model, epoch=epoch,
-                metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
-                data=bank.identity(), config=to_dict(cfg),
-                train_state={
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "early_stopping": stopper.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "history_json": json.dumps(history),
-                })
-        rt.report(row, ckpt_dir)
-        summary = row
-        if coll.rank == 0:
-            # stdout, not logging: under Ray the worker's stdout is what reaches the driver.
-            say(f"epoch {epoch}: loss {row['train_loss']:.4f}  val {select} "
-                f"{val[select]:.4f}  best {stopper.best:.4f} @{stopper.best_epoch}  "
-                f"{row['windows_per_s']:.0f} windows/s{'  *saved' if improved else ''}")
+        }, val)
     return {"history": history, "best_epoch": stopper.best_epoch,
             f"best_val_{select}": stopper.best, "last": summary,
             "stopped_early": stopper.should_stop}

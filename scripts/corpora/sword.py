@@ -1,0 +1,119 @@
+"""A SWORD commentary as an lvm_ray JSONL corpus: one document per chapter of one book, e.g.
+C. H. Spurgeon's Treasury of David (Debian's sword-comm-tdavid: 150 psalms, long 19th-century
+expository prose, ~2M words), read offline with SWORD's `diatheke`.
+
+    sudo apt-get install diatheke sword-comm-tdavid
+    python scripts/corpora/sword.py --module TDavid --book Psalms --chapters 150 \\
+        --out data/tdavid.jsonl
+    lvm ingest --set corpus.source=jsonl --set corpus.path=data/tdavid.jsonl \\
+               --set bank_path=data/tdavid_bank.parquet
+
+OSIS markup (<hi>, <div>, <title> ...) is dropped; paragraphs become blank-line breaks.
+
+The commentary's navigation is dropped too, because each piece would become a concept of its own
+that repeats hundreds of times ("Verse 1.", "EXPOSITION", "— John Trapp.", a lone "2."), and a
+model scores easy hits on such markers without predicting anything: section titles, bold verse
+and all-capital headings, labels ("Verse 3.", "Ver. 3.", "Whole Psalm.", "TITLE."), "( last clause )"
+notes, and quotation credits that close a paragraph ("John Trapp, 1660.", "— Augustine."). Enumerators ("1. They know ...", "II. The sinner ...") are written "1)"
+so the sentence splitter does not cut them off as sentences of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ENTRY = re.compile(r"^(?P<ref>[1-3]?\s?[A-Za-z ]+ \d+:\d+): ?", re.M)
+PARAGRAPH = re.compile(r"<div [^>]*type=\"x-p\"[^>]*/>")
+TAG = re.compile(r"<[^>]+>")
+TITLE = re.compile(r"<title[^>]*>.*?</title>", re.S)
+# A bold run of at most four words is a label ("Verse 1.", "Whole Psalm."), not prose.
+LABEL = re.compile(r"<hi type=\"bold\">\s*(?:\S+\s+){0,3}\S+\s*</hi>")
+CLAUSE_NOTE = re.compile(r"\(\s*(?:first|second|third|last|middle|latter|former)"
+                         r"(?:\s+\w+)?\s+clauses?\s*\)\.?", re.I)
+# "Ver. 3." / "Verses 3, 4." when not in bold.
+VERSE_LABEL = re.compile(r"^(?:Ver(?:ses?)?\.?|Whole Psalm\.|Title\.|Subject\.)\s*[\d,\s\-–]*\.?"
+                         r"\s*(?:—\s*)?", re.I)
+HEADING = re.compile(r"^[^a-z]*$")  # a paragraph without a lower-case letter: "HINTS TO PREACHERS."
+# An enumerator at a paragraph's start or after punctuation, "and" or "or", before a capital.
+ENUMERATOR = re.compile(r"(^|[.!?;:,—(]\s*|\b(?:and|or)\s+)(\d{1,2}|[IVXL]{1,5})\.(?=\s+\W?[A-Z])")
+# A paragraph's closing credit: after its last full stop, only names, initials, years,
+# "D.D."-style degrees, "in" + a title is too varied to catch and stays.
+NAME = r"(?:(?:[A-Z][\w'’.]*|\d{4}|of|de|van|von|and),?\s*)"
+CREDIT = re.compile(rf"(?<=[.!?\"'”’)])\s+(?:—\s*{NAME}{{1,7}}|{NAME}{{2,7}})$")
+
+
+def drop_markers(para: str) -> str:
+    """One plain-text paragraph without verse labels, clause notes and a closing credit, its
+    enumerators written "1)"."""
+    if HEADING.match(para):
+        return ""
+    para = CLAUSE_NOTE.sub(" ", VERSE_LABEL.sub("", para)).strip()
+    para = CREDIT.sub("", para)
+    return ENUMERATOR.sub(r"\1\2)", para).strip()
+
+
+def plain_text(osis: str) -> str:
+    """OSIS/ThML markup -> plain text, paragraphs separated by blank lines, navigation
+    (titles, labels, credits) dropped."""
+    text = LABEL.sub(" ", TITLE.sub("\n\n", osis))
+    text = html.unescape(TAG.sub(" ", PARAGRAPH.sub("\n\n", text)))
+    paras = (drop_markers(re.sub(r"\s+", " ", p).strip()) for p in text.split("\n\n"))
+    return "\n\n".join(p for p in paras if p)
+
+
+def chapter_text(raw: str, module: str) -> str:
+    """diatheke's output for one chapter ("Psalms 23:1: ..." per verse, then "(MODULE)") ->
+    the chapter's commentary as plain text, entries in verse order."""
+    raw = raw.replace(f"({module})", "")
+    parts = ENTRY.split(raw)
+    # split() with one group gives [before, ref1, body1, ref2, body2, ...]
+    bodies = [parts[i] for i in range(2, len(parts), 2)]
+    return "\n\n".join(t for t in (plain_text(b) for b in bodies) if t)
+
+
+def read_chapter(diatheke: str, module: str, book: str, chapter: int) -> str:
+    out = subprocess.run([diatheke, "-b", module, "-k", f"{book} {chapter}"],
+                         capture_output=True, text=True, check=True).stdout
+    return chapter_text(out, module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--module", default="TDavid", help="the SWORD module (diatheke -b)")
+    ap.add_argument("--book", default="Psalms")
+    ap.add_argument("--chapters", type=int, default=150, help="chapters 1..N, one document each")
+    ap.add_argument("--out", default="data/tdavid.jsonl")
+    ap.add_argument("--diatheke", default=shutil.which("diatheke") or "/usr/bin/diatheke")
+    args = ap.parse_args(argv)
+    if not Path(args.diatheke).is_file():
+        print(f"sword: {args.diatheke} not found; install Debian's diatheke and the module's "
+              "package (apt-get install diatheke sword-comm-tdavid) or pass --diatheke",
+              file=sys.stderr)
+        return 2
+    docs = []
+    for ch in range(1, args.chapters + 1):
+        text = read_chapter(args.diatheke, args.module, args.book, ch)
+        if text:
+            docs.append({"id": f"{args.module}-{ch:03d}", "title": f"{args.book} {ch}",
+                         "text": text})
+    if not docs:
+        print(f"sword: module {args.module!r} gave no text for {args.book} 1-{args.chapters}",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    words = sum(len(d["text"].split()) for d in docs)
+    print(f"wrote {out}: {len(docs)} documents, {words:,} words")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
