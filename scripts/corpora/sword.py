@@ -12,10 +12,11 @@ OSIS markup (<hi>, <div>, <title> ...) is dropped; paragraphs become blank-line 
 
 The commentary's navigation is dropped too, because each piece would become a concept of its own
 that repeats hundreds of times ("Verse 1.", "EXPOSITION", "— John Trapp.", a lone "2."), and a
-model scores easy hits on such markers without predicting anything: section titles, bold verse
-and all-capital headings, labels ("Verse 3.", "Ver. 3.", "Whole Psalm.", "TITLE."), "( last clause )"
-notes, and quotation credits that close a paragraph ("John Trapp, 1660.", "— Augustine."). Enumerators ("1. They know ...", "II. The sinner ...") are written "1)"
-so the sentence splitter does not cut them off as sentences of their own.
+model scores easy hits on such markers without predicting anything: section titles and
+all-capital headings, labels ("Verse 3.", "Ver. 3.", "Whole Psalm.", "TITLE."), "( last clause )"
+notes, and quotation credits that close a paragraph ("John Trapp, 1660.", "— Augustine.").
+Enumerators ("1. They know ...", "II. The sinner ...") are written "1)" so that the sentence
+splitter does not cut them off as sentences of their own.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ ENTRY = re.compile(r"^(?P<ref>[1-3]?\s?[A-Za-z ]+ \d+:\d+): ?", re.M)
 PARAGRAPH = re.compile(r"<div [^>]*type=\"x-p\"[^>]*/>")
 TAG = re.compile(r"<[^>]+>")
 TITLE = re.compile(r"<title[^>]*>.*?</title>", re.S)
-# A bold run of at most four words is a label ("Verse 1.", "Whole Psalm."), not prose.
+# A bold run of at most four words is a label ("Verse 1.", "Whole Psalm."), not prose: TDavid
+# sets only its labels in bold.
 LABEL = re.compile(r"<hi type=\"bold\">\s*(?:\S+\s+){0,3}\S+\s*</hi>")
 CLAUSE_NOTE = re.compile(r"\(\s*(?:first|second|third|last|middle|latter|former)"
                          r"(?:\s+\w+)?\s+clauses?\s*\)\.?", re.I)
@@ -42,9 +44,11 @@ VERSE_LABEL = re.compile(r"^(?:Ver(?:ses?)?\.?|Whole Psalm\.|Title\.|Subject\.)\
                          r"\s*(?:—\s*)?", re.I)
 HEADING = re.compile(r"^[^a-z]*$")  # a paragraph without a lower-case letter: "HINTS TO PREACHERS."
 # An enumerator at a paragraph's start or after punctuation, "and" or "or", before a capital.
-ENUMERATOR = re.compile(r"(^|[.!?;:,—(]\s*|\b(?:and|or)\s+)(\d{1,2}|[IVXL]{1,5})\.(?=\s+\W?[A-Z])")
-# A paragraph's closing credit: after its last full stop, only names, initials, years,
-# "D.D."-style degrees, "in" + a title is too varied to catch and stays.
+ENUMERATOR = re.compile(r"(^|[.!?;:,—(]\s*|\b(?:and|or)\s+)(\d{1,2}|[IVXL]{1,5})\."
+                        r"(?=\s+\W?[A-Z])")
+# A paragraph's closing credit: after its last sentence, 2-7 capitalised words, initials, years or
+# degrees ("John Trapp, 1660", "J. R. Macduff, D.D."), or 1-7 after a dash ("— Augustine.").
+# Credits that name a book ("... in 'Letters,' 1861") vary too much to catch and stay.
 NAME = r"(?:(?:[A-Z][\w'’.]*|\d{4}|of|de|van|von|and),?\s*)"
 CREDIT = re.compile(rf"(?<=[.!?\"'”’)])\s+(?:—\s*{NAME}{{1,7}}|{NAME}{{2,7}})$")
 
