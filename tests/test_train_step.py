@@ -183,8 +183,8 @@ def test_init_from_starts_from_the_checkpoints_weights(tmp_path, synthetic_bank)
     assert res["best_epoch"] == -1 and res["best_checkpoint"].endswith("epoch_-01")
     kept = load_checkpoint(res["best_checkpoint"]).model.state_dict()
     assert all(torch.equal(v, kept[k]) for k, v in trained.items())
-    # A fine-tune that does learn replaces the start: from an untrained-for-long start at a
-    # working learning rate, some epoch beats it and the start's checkpoint is dropped.
+    # A fine-tune that does learn replaces the start: from a briefly trained start at a working
+    # learning rate, some epoch beats it and becomes the best.
     ft = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 4, "init_from": src}})
     res = fit_local(ft, synthetic_bank, ws.train, ws.val, tmp_path / "ft2")
     assert res["best_epoch"] >= 0
