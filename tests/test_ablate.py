@@ -61,3 +61,10 @@ def test_run_ablation_trains_rows_writes_table_and_reuses(tmp_path):
     # A second run reuses the saved rows instead of training again.
     again = ablate.run_ablation(base, ["base"], tmp_path / "abl", presets=["smoke"], extra=extra)
     assert again["records"][0]["seconds"] == recs[0]["seconds"]
+    # ... and the table still lists the row run earlier (gru), not only the one asked for.
+    assert [r["row"] for r in again["records"]] == ["base", "gru"]
+    assert "| gru |" in (tmp_path / "abl" / "ablations.md").read_text()
+    # A row saved on another bank is left out of this bank's table.
+    gru_rec = json.loads((tmp_path / "abl" / "gru" / "ablation_row.json").read_text())
+    assert ablate._saved_row(tmp_path / "abl", "gru", str(tmp_path / "b2"), []) is None
+    assert ablate._saved_row(tmp_path / "abl", "gru", base.bank_path, []) == gru_rec

@@ -1,6 +1,7 @@
-"""Corpus recipes outside the package: the King James Bible (scripts/corpora/kjv.py) and SWORD
-commentaries (scripts/corpora/sword.py), run here against stand-ins for Debian's `bible` and
-`diatheke` programs that print the same formats."""
+"""Corpus recipes outside the package, the King James Bible (scripts/corpora/kjv.py) and SWORD
+commentaries (scripts/corpora/sword.py), run against stand-ins for Debian's `bible` and
+`diatheke` programs that print the same formats; and the bank tools beside them (merge_banks,
+subsample_bank)."""
 
 import importlib.util
 import json
@@ -156,3 +157,36 @@ def test_merged_bank_keeps_each_corpus_documents_positions_and_splits(tmp_path):
     other = dataclasses.replace(b, meta={**b.meta, "encoder": "enc-y"})
     with pytest.raises(ValueError, match="one encoder"):
         merge.merge_banks({"one": a, "two": other})
+
+
+def test_subsampled_bank_drops_whole_training_documents_and_keeps_val_and_test(tmp_path):
+    import numpy as np
+    import pytest
+
+    from lvm_ray.data.bank import load_bank, save_bank
+    from lvm_ray.data.synthetic import make_synthetic_bank
+
+    bank = make_synthetic_bank(n_docs=40, doc_len=(10, 20), dim=16, seed=0)
+    bank.meta.update(encoder="enc-x", dim=16)
+    path = save_bank(bank, tmp_path / "full.parquet")
+    sub = script_module("subsample_bank")
+    assert sub.main(["--fraction", "0.25", "--out", str(tmp_path / "q.parquet"), str(path)]) == 0
+    small = load_bank(tmp_path / "q.parquet")
+    splits, docs = np.asarray(bank.splits).astype(str), np.asarray(bank.doc_ids)
+    train_docs = set(docs[splits == "train"])
+    kept = set(np.asarray(small.doc_ids)[np.asarray(small.splits).astype(str) == "train"])
+    assert kept < train_docs and len(kept) == round(0.25 * len(train_docs))
+    for s in ("val", "test"):  # the same rows, in the same order
+        np.testing.assert_array_equal(small.vectors[np.asarray(small.splits).astype(str) == s],
+                                      bank.vectors[splits == s])
+    # Whole documents: every kept training document has all its rows, positions unchanged.
+    for d in kept:
+        np.testing.assert_array_equal(small.positions[np.asarray(small.doc_ids) == d],
+                                      bank.positions[docs == d])
+    assert small.meta["corpus"]["source"] == "subsampled" and small.meta["encoder"] == "enc-x"
+    # Seeded: the same draw again, another with another seed.
+    again = sub.subsample_train(bank, 0.25, seed=0)
+    other = sub.subsample_train(bank, 0.25, seed=1)
+    assert set(again.doc_ids) == set(small.doc_ids) and set(other.doc_ids) != set(small.doc_ids)
+    with pytest.raises(SystemExit):
+        sub.main(["--fraction", "0", "--out", str(tmp_path / "z.parquet"), str(path)])

@@ -7,7 +7,8 @@ prints the `lvm train` command that reproduces it.
     lvm ablate --smoke-test                                          # seconds, synthetic
 
 Rows whose results already exist under the output directory are reused (pass --force to retrain),
-so an interrupted table resumes where it stopped.
+so an interrupted table resumes where it stopped; the table lists every row saved under the
+output directory on the same bank, so `--rows wide` later adds a line instead of replacing it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ ROWS: tuple[Row, ...] = (
     # 1,000 val windows give a +-2-point CI: early stopping then picks among epochs by noise.
     Row("val5k", "early stopping on 5,000 val windows instead of 1,000, patience 8",
         {"train": {"max_eval_windows": 5000, "patience": 8}}),
+    # val5k showed a plateau, not overfitting: the next lever is capacity with more windows.
+    Row("wide", "capacity: hidden 512, 2x the windows per epoch, val5k's early stopping",
+        {"model": {"hidden": 512},
+         "train": {"max_train_windows": 2048, "max_epochs": 16, "max_eval_windows": 5000,
+                   "patience": 4}}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -208,6 +214,19 @@ def table_markdown(records: list[dict[str, Any]], title: str, meta: dict[str, An
     return "\n".join(lines) + "\n"
 
 
+def _saved_row(out: Path, name: str, bank_path: str,
+               fresh: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """This run's record of a row, else one saved earlier in out on the same bank, else None."""
+    for r in fresh:
+        if r["row"] == name:
+            return r
+    path = out / name / "ablation_row.json"
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if rec.get("config", {}).get("bank_path") == bank_path else None
+
+
 def run_ablation(base: Config, rows: list[str] | None = None, out_dir: str | Path | None = None,
                  use_ray: bool = False, config_path: str | None = None,
                  presets: list[str] | tuple[str, ...] = (), extra: dict[str, Any] | None = None,
@@ -225,6 +244,11 @@ def run_ablation(base: Config, rows: list[str] | None = None, out_dir: str | Pat
         cmd = row_command(row, out, config_path, presets, extra)
         records.append(run_row(base, row, out, use_ray, cmd, force))
         (out / "ablations.json").write_text(json.dumps(records, indent=2))
+    # Rows run earlier into the same folder on the same bank stay in the table: `--rows wide`
+    # after a full run adds a row instead of replacing the table with one line.
+    records = [r for r in (_saved_row(out, row.name, base.bank_path, records) for row in ROWS)
+               if r is not None]
+    (out / "ablations.json").write_text(json.dumps(records, indent=2))
     meta = {"base config": config_path or "defaults", "presets": ", ".join(presets) or "none",
             "bank": base.bank_path, "window": f"{base.window.policy}, L={base.window.context}",
             "selection": f"val {base.eval.select_metric} (early stopping)", "split": "test",

@@ -1,0 +1,68 @@
+"""A concept bank -> the same bank with only a fraction of its training documents, for the
+data-scaling curve (docs/results.md 10.6): whole training documents are dropped (a seeded draw),
+every val and test document is kept with its rows unchanged, so a model trained on the smaller
+bank is scored on the same test windows and the same test bank as one trained on all of it.
+
+    python scripts/corpora/subsample_bank.py --fraction 0.25 --out data/sotu_train25_bank.parquet \\
+        data/sotu_full_bank.parquet
+    lvm ablate --config configs/ablations/base.yaml --rows base --set corpus.source=bank \\
+        --set bank_path=data/sotu_train25_bank.parquet --out runs/scaling/train25
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from lvm_ray.data.bank import ConceptBank, load_bank, save_bank
+
+
+def subsample_train(bank: ConceptBank, fraction: float, seed: int = 0) -> ConceptBank:
+    """The rows of every val and test document and of round(fraction * n) of the n training
+    documents (at least one), drawn with seed; rows stay in input order."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    doc_ids = np.asarray(bank.doc_ids)
+    splits = np.asarray(bank.splits).astype(str)
+    train_docs = list(dict.fromkeys(doc_ids[splits == "train"]))  # corpus order
+    if not train_docs:
+        raise ValueError("the bank has no training documents")
+    n_keep = max(1, round(fraction * len(train_docs)))
+    picked = np.random.default_rng(seed).choice(len(train_docs), size=n_keep, replace=False)
+    keep_docs = {train_docs[i] for i in picked}
+    keep = (splits != "train") | np.array([d in keep_docs for d in doc_ids], dtype=bool)
+    meta = {k: v for k, v in bank.meta.items()
+            if k in ("encoder", "encoder_backend", "dim", "chunking", "split")}
+    meta["corpus"] = {"source": "subsampled", "train_fraction": fraction, "seed": seed,
+                      "train_documents": f"{n_keep} of {len(train_docs)}",
+                      "of": bank.meta.get("corpus")}
+    return ConceptBank(
+        doc_ids=doc_ids[keep], positions=np.asarray(bank.positions)[keep],
+        texts=np.asarray(bank.texts, dtype=object)[keep], vectors=bank.vectors[keep],
+        splits=np.asarray(bank.splits, dtype=object)[keep],
+        lanes=np.asarray(bank.lanes)[keep], meta=meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bank", help="the full bank")
+    ap.add_argument("--fraction", type=float, required=True,
+                    help="the share of training documents to keep, in (0, 1]")
+    ap.add_argument("--seed", type=int, default=0, help="which documents are drawn")
+    ap.add_argument("--out", required=True, help="the smaller bank (one Parquet file)")
+    args = ap.parse_args(argv)
+    try:
+        small = subsample_train(load_bank(args.bank), args.fraction, args.seed)
+    except ValueError as e:
+        ap.error(str(e))
+    out = save_bank(small, args.out)
+    print(f"{out}: {len(small):,} concepts, {small.meta['corpus']['train_documents']} training "
+          "documents; " + ", ".join(f"{s} {int((small.splits == s).sum()):,}"
+                                    for s in ("train", "val", "test")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
