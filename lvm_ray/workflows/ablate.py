@@ -92,6 +92,11 @@ ROWS: tuple[Row, ...] = (
         {"model": {"hidden": 512},
          "train": {"max_train_windows": 2048, "max_epochs": 16, "max_eval_windows": 5000,
                    "patience": 4}}),
+    # wide overfits after two epochs: the regularisers on the same capacity.
+    Row("wide_reg", "wide, regularised: dropout 0.3, weight decay 0.05",
+        {"model": {"hidden": 512, "dropout": 0.3},
+         "train": {"max_train_windows": 2048, "max_epochs": 16, "max_eval_windows": 5000,
+                   "patience": 4, "weight_decay": 0.05}}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
