@@ -35,6 +35,10 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+# The wide rows' training: 2x the base's windows per epoch, stopped as val5k is.
+_WIDE_TRAIN = {"max_train_windows": 2048, "max_epochs": 16, "max_eval_windows": 5000,
+               "patience": 4}
+
 ROWS: tuple[Row, ...] = (
     Row("base", "base config (see configs/ablations/base.yaml)"),
     Row("gru", "plain GRU, same hidden size and layers, no memory", {"model": {"kind": "gru"}}),
@@ -89,14 +93,11 @@ ROWS: tuple[Row, ...] = (
         {"train": {"max_eval_windows": 5000, "patience": 8}}),
     # val5k showed a plateau, not overfitting: the next lever is capacity with more windows.
     Row("wide", "capacity: hidden 512, 2x the windows per epoch, val5k's early stopping",
-        {"model": {"hidden": 512},
-         "train": {"max_train_windows": 2048, "max_epochs": 16, "max_eval_windows": 5000,
-                   "patience": 4}}),
+        {"model": {"hidden": 512}, "train": _WIDE_TRAIN}),
     # wide overfits after two epochs: the issue's regularisers on the same capacity.
     Row("wide_reg", "wide, regularised: dropout 0.3, weight decay 0.05",
         {"model": {"hidden": 512, "dropout": 0.3},
-         "train": {"max_train_windows": 2048, "max_epochs": 16, "max_eval_windows": 5000,
-                   "patience": 4, "weight_decay": 0.05}}),
+         "train": {**_WIDE_TRAIN, "weight_decay": 0.05}}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 

@@ -31,8 +31,7 @@ def subsample_train(bank: ConceptBank, fraction: float, seed: int = 0) -> Concep
         raise ValueError("the bank has no training documents")
     n_keep = max(1, round(fraction * len(train_docs)))
     picked = np.random.default_rng(seed).choice(len(train_docs), size=n_keep, replace=False)
-    keep_docs = {train_docs[i] for i in picked}
-    keep = (splits != "train") | np.array([d in keep_docs for d in doc_ids], dtype=bool)
+    keep = (splits != "train") | np.isin(doc_ids, [train_docs[i] for i in picked])
     meta = {k: v for k, v in bank.meta.items()
             if k in ("encoder", "encoder_backend", "dim", "chunking", "split")}
     meta["corpus"] = {"source": "subsampled", "train_fraction": fraction, "seed": seed,
