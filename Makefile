@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast bench bench-scale reliability clean-runs
+.PHONY: venv demo test test-slow test-all test-fast bench bench-scale reliability clean-runs
 
 venv: $(STAMP)
 
@@ -29,7 +29,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
+# `make test`: unit, Ray, Train and Serve tests (about 9 minutes on 2 cores). The end-to-end tests
+# marked slow (real `ray start` heads, two nodes, killed workers and drivers, Tune sweeps, the
+# direct ingress: about 10 minutes more) run in `make test-slow`; CI (.ci/run) runs both.
 test: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m slow
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)

@@ -277,9 +277,10 @@ def write_report(sections: dict[str, str], runs: dict[str, dict]) -> None:
     by which command its numbers were measured."""
     head = ("# lvm_ray reliability\n\nWritten by `make reliability` "
             "(`python bench/reliability.py`): every number below comes from the run named in its "
-            "section. The fast parts of the same checks run in `make test` "
+            "section. Smaller versions of the same checks run in the test suite "
             "(tests/test_reliability_serve.py, tests/test_reliability_train.py, "
-            "tests/test_bad_input_cli.py, tests/test_security.py); security properties and "
+            "tests/test_job_submit.py, tests/test_bad_input_cli.py, tests/test_security.py); "
+            "security properties and "
             "what a deployment must add: [docs/security.md](docs/security.md).\n")
     text = RELIABILITY.read_text() if RELIABILITY.exists() else head
     for name, body in sections.items():

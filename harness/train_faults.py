@@ -1,7 +1,7 @@
-"""Training fault scenarios, shared by tests/test_reliability_train.py and bench/reliability.py:
-jobs submitted to a real `ray start --head` (harness.cluster), a worker killed mid-epoch, the
-driver killed and the job re-submitted under the same run name, a resume from a corrupted
-checkpoint, and a checkpoint write killed halfway."""
+"""Training fault scenarios, shared by tests/test_job_submit.py, tests/test_reliability_train.py
+and bench/reliability.py: jobs submitted to a real `ray start --head` (harness.cluster), a worker
+killed mid-epoch, the driver killed and the job re-submitted under the same run name, a resume
+from a corrupted checkpoint, and a checkpoint write killed halfway."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 one line naming the problem, never a traceback, and nothing is written (no partial bank,
 checkpoint or report). The cases are bench/reliability.py's, which also runs each as its own
 process for RELIABILITY.md; here the CLI cases run in-process (fast) and the job scripts as
-processes. A malformed job submitted with `ray job submit` is in test_reliability_train.py.
+processes. A malformed job submitted with `ray job submit` is in test_job_submit.py.
 """
 
 import contextlib

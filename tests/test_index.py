@@ -148,7 +148,7 @@ def test_populate_fills_the_page_tables_of_the_mapped_files(tmp_path, factory):
     np.testing.assert_array_equal(r.search(bank.vectors[:3], 1)[1][:, 0], [0, 1, 2])
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,PQ8"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,PQ8np"])
 def test_vectors_by_id_are_the_banks_whatever_the_index(tmp_path, bank, factory):
     """Read from the index where it stores them exactly (Flat, HNSW over Flat), from the lookup
     file where its codes are lossy (PQ): the bank's vectors either way."""
