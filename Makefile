@@ -29,9 +29,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
-# `make test`: unit, Ray, Train and Serve tests (about 9 minutes on 2 cores). The end-to-end tests
+# `make test`: unit, Ray, Train and Serve tests (5-9 minutes on 2 cores). The end-to-end tests
 # marked slow (real `ray start` heads, two nodes, killed workers and drivers, Tune sweeps, the
-# direct ingress: about 10 minutes more) run in `make test-slow`; CI (.ci/run) runs both.
+# direct ingress: about 8 minutes more) run in `make test-slow`; CI (.ci/run) runs both.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
