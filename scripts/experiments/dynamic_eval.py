@@ -9,8 +9,10 @@ document sees another's text; InfoNCE negatives are drawn from the evaluated spl
 retrieval set, known to the retriever) and masked exactly as in training. Static and adapted
 predictions are scored on the same windows with the protocol's metrics.
 
-    python scripts/experiments/dynamic_eval.py CKPT --split val --lr 1e-4 3e-4 1e-3
-    python scripts/experiments/dynamic_eval.py CKPT --split test --lr 3e-4    # the lr val chose
+    python scripts/experiments/dynamic_eval.py CKPT --split val --lr 3e-5 1e-4 3e-4 1e-3
+    python scripts/experiments/dynamic_eval.py CKPT --split test --lr LR  # only if val picks an LR
+
+On full sotu val picks none (every lr loses to the static model): docs/results.md 10.12.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lvm_ray.config import Config
 from lvm_ray.eval.metrics import evaluate
 from lvm_ray.eval.predict import predict_windows
 from lvm_ray.train.checkpoint import load_checkpoint
@@ -33,7 +36,7 @@ from lvm_ray.workflows.evaluate import checkpoint_config
 from lvm_ray.workflows.prepare import prepare_windows, read_bank
 
 
-def adapted_predictions(model: torch.nn.Module, cfg, vectors: np.ndarray, ws, doc_of: np.ndarray,
+def adapted_predictions(model: torch.nn.Module, cfg: Config, vectors: np.ndarray, ws, doc_of: np.ndarray,
                         lr: float, chunk: int, steps: int, seed: int = 0) -> np.ndarray:
     """(M, D) predictions, each from the model adapted on its document's earlier chunks."""
     torch.manual_seed(seed)
@@ -46,7 +49,7 @@ def adapted_predictions(model: torch.nn.Module, cfg, vectors: np.ndarray, ws, do
         m = copy.deepcopy(model)
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # train_group steps one
         for lo in range(bounds[d], bounds[d + 1], chunk):
             idx = np.arange(lo, min(lo + chunk, bounds[d + 1]))
             out[idx] = predict_windows(m, vectors, ws.subset(idx))  # before it sees them
