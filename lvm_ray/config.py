@@ -202,6 +202,9 @@ class TrainConfig:
     # model.* except dropout. The start is scored on val as epoch -1 (checkpoint epoch_-01) and
     # kept unless an epoch beats it.
     init_from: str | None = None
+    # Training only: Gaussian noise of this std per dimension added to every context vector, which
+    # is then re-normalised (targets untouched); a regulariser against memorising the windows.
+    context_noise: float = 0.0
     seed: int = 0
     device: str = "auto"
     # The vectors the workers train on: "float16" halves the shared copy (the object store's and
@@ -213,6 +216,7 @@ class TrainConfig:
         require(min(self.batch_size, self.micro_batch, self.max_epochs) >= 1,
                 "train.batch_size, micro_batch and max_epochs must be >= 1")
         require(self.lr > 0, "train.lr must be > 0")
+        require(self.context_noise >= 0, "train.context_noise must be >= 0")
         require(self.step_targets >= 1, "train.step_targets must be >= 1")
 
 

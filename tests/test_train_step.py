@@ -13,7 +13,7 @@ from lvm_ray.model import build_model
 from lvm_ray.eval.predict import predict_windows
 from lvm_ray.train.loop import EarlyStopping, fit_local
 from lvm_ray.train.step import (Batch, LocalCollective, accumulation_steps, make_optimizer,
-                                make_scheduler, train_group)
+                                make_scheduler, noisy_context, train_group)
 from lvm_ray.workflows.prepare import prepare_windows
 
 
@@ -59,6 +59,37 @@ def test_accumulated_step_equals_one_big_batch():
         train_group(model, group, opt, sched, cfg.loss, cfg.train, LocalCollective())
         outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+
+
+def test_context_noise_perturbs_real_vectors_only_and_changes_the_step():
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.nn.functional.normalize(torch.randn(4, 6, 384, generator=g), dim=-1)
+    ctx[0, 3:] = 0.0  # row 0 is 3 long: right padding
+    lengths = torch.tensor([3, 6, 6, 6])
+    b = Batch(ctx, lengths, ctx[:, -1])
+    torch.manual_seed(1)  # not 0: that would draw noise parallel to ctx (the same randn)
+    out = noisy_context(b, 0.025).ctx
+    assert torch.equal(out[0, 3:], ctx[0, 3:]) and torch.equal(out.new_tensor(0), out[0, 4].sum())
+    real = torch.arange(6)[None, :] < lengths[:, None]
+    torch.testing.assert_close(out[real].norm(dim=-1), torch.ones(int(real.sum())))
+    cos = (out[real] * ctx[real]).sum(-1)
+    assert cos.max() < 0.99 and cos.mean() == pytest.approx(1 / math.sqrt(1 + 0.025**2 * 384),
+                                                             abs=0.02)
+    # train_group applies it: the same seed and batch give other weights with the noise on.
+    cfg = load_config(presets=["smoke"], overrides={"loss": {"negatives": "none"},
+                                                    "model": {"d_in": 384}})
+    outs = []
+    for noise in (0.0, 0.0, 0.025):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        tc = TrainConfig(**{**cfg.train.__dict__, "context_noise": noise})
+        opt = make_optimizer(model, tc)
+        train_group(model, [b], opt, make_scheduler(opt, tc, 10), cfg.loss, tc,
+                    LocalCollective())
+        outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+    with pytest.raises(ValueError, match="context_noise"):
+        TrainConfig(context_noise=-0.1)
 
 
 def test_gathered_negatives_see_the_whole_group():

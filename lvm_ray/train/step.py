@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -109,6 +109,16 @@ def to_batch(vectors: np.ndarray, ws: WindowSet, idx: np.ndarray, device: torch.
                  step_targets)
 
 
+def noisy_context(b: Batch, std: float) -> Batch:
+    """b with N(0, std^2) added to each real context vector (not the padding), re-normalised.
+    Drawn from torch's global CPU RNG, as the bank negatives: a resumed run draws the same."""
+    T = b.ctx.shape[1]
+    real = (torch.arange(T)[None, :] < b.lengths[:, None]).to(b.ctx.device)  # (B, T)
+    x = b.ctx + std * torch.randn(b.ctx.shape).to(b.ctx.device) * real[..., None]
+    x = torch.where(real[..., None], torch.nn.functional.normalize(x, dim=-1), b.ctx)
+    return replace(b, ctx=x)
+
+
 def _rows_and_mask(model: torch.nn.Module, b: Batch, loss_cfg: LossConfig,
                    negative_pool: torch.Tensor | None, doc_end: torch.Tensor | None = None):
     """The training rows of one micro-batch for the all-steps objective, bank or hard negatives:
@@ -176,6 +186,8 @@ def train_group(model: torch.nn.Module, group: list[Batch], opt: torch.optim.Opt
         gathered = collective.all_gather(local)
     stats: dict[str, float] = {}
     for j, b in enumerate(group):
+        if train_cfg.context_noise > 0:
+            b = noisy_context(b, train_cfg.context_noise)
         extra = None
         if loss_cfg.negatives == "gathered" and loss_cfg.alpha > 0:
             sizes = [len(x.target) for x in group]
