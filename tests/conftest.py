@@ -34,6 +34,21 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def experiment_script():
+    """Load scripts/experiments/NAME.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(
+            name, Path(_ROOT) / "scripts" / "experiments" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def synthetic_bank():
     from lvm_ray.data.synthetic import make_synthetic_bank
 

@@ -2,24 +2,11 @@
 a prediction's component outside the bank's principal subspace scales its cosines down without
 changing its ranking, and projecting onto the subspace undoes exactly that."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "cosine_scale", ROOT / "scripts/experiments/cosine_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_projection_undoes_an_off_subspace_component():
-    cs = _script()
+def test_projection_undoes_an_off_subspace_component(experiment_script):
+    cs = experiment_script("cosine_scale")
     rng = np.random.default_rng(0)
     # Bank vectors living in the first 8 of 16 dimensions.
     x = np.zeros((500, 16), np.float32)

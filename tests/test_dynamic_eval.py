@@ -2,9 +2,6 @@
 stays causal: a document's first chunk is predicted by the trained weights, weights reset at
 every document, later chunks come from adapted weights, and the caller's model is untouched."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -13,18 +10,7 @@ from lvm_ray.eval.predict import predict_windows
 from lvm_ray.model import build_model
 from lvm_ray.workflows.prepare import prepare_windows
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "dynamic_eval", ROOT / "scripts/experiments/dynamic_eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_adaptation_is_causal_and_resets_per_document(synthetic_bank):
+def test_adaptation_is_causal_and_resets_per_document(synthetic_bank, experiment_script):
     bank, chunk = synthetic_bank, 8
     cfg = load_config(presets=["smoke"], overrides={
         "model": {"d_in": bank.dim}, "train": {"objective": "all_steps"},
@@ -35,7 +21,7 @@ def test_adaptation_is_causal_and_resets_per_document(synthetic_bank):
     before = [p.detach().clone() for p in model.parameters()]
     static = predict_windows(model, bank.vectors, ws)
     doc_of = bank.doc_ids[ws.target_rows]
-    adapt = _script().adapted_predictions
+    adapt = experiment_script("dynamic_eval").adapted_predictions
 
     np.testing.assert_allclose(adapt(model, cfg, bank.vectors, ws, doc_of, 0.0, chunk, 1), static,
                                atol=1e-6)  # no step, no change
