@@ -4,12 +4,13 @@ scales every cosine down (margin towards 0, PAR below 1) and leaves the ranking 
 
 For each checkpoint, on the same windows: mean cos(p, truth), cos(p, last context vector) and
 their ratio, the share of p's squared norm inside the training bank's principal subspace (the
-top directions holding 99% of its squared norm), and bank-Hit@5 / margin / PAR of p as trained and
-of p projected onto that subspace (a diagnostic of what margin and PAR measure here, not a way
+top directions holding 99% of its squared norm), and bank-Hit@5 / margin / PAR of p as trained
+and of p projected onto that subspace (a diagnostic of what margin and PAR measure here, not a way
 to raise them: the issue rules such post-processing out).
 
-    python scripts/experiments/cosine_scale.py --split val runs/ablations/base/checkpoints/epoch_003 \
-        runs/ablations/temp003/checkpoints/epoch_005 runs/ablations/temp001/checkpoints/epoch_007
+    python scripts/experiments/cosine_scale.py --split val \
+        runs/ablations/base/checkpoints/epoch_003 runs/ablations/temp003/checkpoints/epoch_005 \
+        runs/ablations/temp001/checkpoints/epoch_007
 
 docs/results.md 10.14 reports the run.
 """
