@@ -35,9 +35,13 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-# The wide rows' training: 2x the base's windows per epoch, stopped as val5k is.
+# val5k's early stopping (docs/results.md 10.10), shared by the rows trained to their plateau.
+_VAL5K = {"max_eval_windows": 5000, "patience": 8}
+# The wide rows' training: 2x the base's windows per epoch, stopped on 5,000 val windows.
 _WIDE_TRAIN = {"max_train_windows": 2048, "max_epochs": 16, "max_eval_windows": 5000,
                "patience": 4}
+# The causal Transformer at about the MemoryGRU's parameter count.
+_TRANSFORMER = {"kind": "transformer", "hidden": 192, "layers": 2, "heads": 4}
 
 ROWS: tuple[Row, ...] = (
     Row("base", "base config (see configs/ablations/base.yaml)"),
@@ -60,10 +64,9 @@ ROWS: tuple[Row, ...] = (
     Row("ctx1000", "context 1000", {"window": {"context": 1000}}),
     Row("transformer", "causal Transformer (2 pre-LN blocks, 4 heads, rotary positions; "
         "hidden 192, about the GRU's parameter count)",
-        {"model": {"kind": "transformer", "hidden": 192, "layers": 2, "heads": 4}}),
+        {"model": _TRANSFORMER}),
     Row("transformer_ctx1000", "causal Transformer as above, context 1000",
-        {"model": {"kind": "transformer", "hidden": 192, "layers": 2, "heads": 4},
-         "window": {"context": 1000}}),
+        {"model": _TRANSFORMER, "window": {"context": 1000}}),
     Row("stream", "stream windows (cross documents inside a split)",
         {"window": {"policy": "stream"}}),
     Row("longer", "longer training: 4x the windows per epoch, up to 12 epochs",
@@ -90,13 +93,12 @@ ROWS: tuple[Row, ...] = (
         {"loss": {"hard_negatives": 16}}),
     # 1,000 val windows give a +-2-point CI: early stopping then picks among epochs by noise.
     Row("val5k", "early stopping on 5,000 val windows instead of 1,000, patience 8",
-        {"train": {"max_eval_windows": 5000, "patience": 8}}),
+        {"train": _VAL5K}),
     # The issue's first lever: the transformer rows above stopped at a 3-epoch budget; this one
     # trains to its plateau, stopped as val5k is.
     Row("transformer_val5k", "causal Transformer as `transformer`, up to 16 epochs, val5k's "
         "early stopping (patience 4)",
-        {"model": {"kind": "transformer", "hidden": 192, "layers": 2, "heads": 4},
-         "train": {"max_epochs": 16, "max_eval_windows": 5000, "patience": 4}}),
+        {"model": _TRANSFORMER, "train": {**_VAL5K, "max_epochs": 16, "patience": 4}}),
     # val5k showed a plateau, not overfitting: the next lever is capacity with more windows.
     Row("wide", "capacity: hidden 512, 2x the windows per epoch, val5k's early stopping",
         {"model": {"hidden": 512}, "train": _WIDE_TRAIN}),
@@ -107,13 +109,11 @@ ROWS: tuple[Row, ...] = (
     # The sotu sweep of docs/results.md 10.14: temperature 0.03 cut at epoch 2 by ASHA with a
     # margin 0.1 higher than the base's; trained as val5k is, to see whether ranking holds.
     *(Row(f"temp{round(t * 100):03d}", f"InfoNCE temperature {t} instead of 0.05, val5k's early "
-          "stopping", {"loss": {"temperature": t}, "train": {"max_eval_windows": 5000,
-                                                             "patience": 8}})
-      for t in (0.03, 0.02, 0.01)),
+          "stopping", {"loss": {"temperature": t}, "train": _VAL5K}) for t in (0.03, 0.02, 0.01)),
     # Bank-Hit@5 ranks against the whole bank: 4x the sampled negatives per step brings the
     # InfoNCE softmax closer to that ranking (the train bank holds 61,648 sotu concepts).
     Row("neg16k", "16,384 sampled bank negatives instead of 4,096, val5k's early stopping",
-        {"loss": {"bank_negatives": 16384}, "train": {"max_eval_windows": 5000, "patience": 8}}),
+        {"loss": {"bank_negatives": 16384}, "train": _VAL5K}),
     # Dropout and weight decay leave wide's peak at epoch 1: noise on the inputs instead, so
     # that no training window is seen twice exactly (std 0.025: cosine ~0.9 to the clean one).
     Row("wide_noise", "wide, context vectors noised in training (std 0.025 per dimension)",

@@ -17,7 +17,7 @@ from lvm_ray.eval.metrics import select_key
 from lvm_ray.eval.report import (markdown_report, plot_comparison, plot_training_curves,
                                  summary_table, verdict, write_report)
 from lvm_ray.eval.sweep import objective_metric, trial_config
-from lvm_ray.train.checkpoint import load_checkpoint
+from lvm_ray.train.checkpoint import LoadedCheckpoint, load_checkpoint
 from lvm_ray.train.loop import with_bank_width
 from lvm_ray.workflows.prepare import Windows, prepare_windows, read_bank
 
@@ -72,6 +72,19 @@ def checkpoint_config(meta: dict[str, Any], config_path: str | None = None,
     recorded = meta.get("config") or {}
     base = from_dict(Config, recorded) if recorded else Config()
     return load_config(config_path, presets, overrides, base=base)
+
+
+def checkpoint_with_windows(path: str | Path
+                            ) -> tuple[LoadedCheckpoint, Config, ConceptBank, Windows]:
+    """A checkpoint with the bank and windows of its recorded training config, the bank's
+    identity checked against the checkpoint's (BankMismatch otherwise): the start of the
+    experiment scripts (scripts/experiments/)."""
+    ck = load_checkpoint(path)
+    recorded = checkpoint_config(ck.meta)
+    bank = read_bank(recorded)
+    check_identity(ck.meta.get("data"), bank, str(path), recorded.bank_path)
+    cfg = with_bank_width(recorded, bank)
+    return ck, cfg, bank, prepare_windows(cfg, bank)
 
 
 def evaluate_checkpoints(ckpts: dict[str, str], config_path: str | None = None,

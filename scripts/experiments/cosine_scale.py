@@ -25,10 +25,7 @@ import numpy as np
 
 from lvm_ray.eval.metrics import evaluate
 from lvm_ray.eval.predict import predict_windows
-from lvm_ray.train.checkpoint import load_checkpoint
-from lvm_ray.train.loop import with_bank_width
-from lvm_ray.workflows.evaluate import checkpoint_config
-from lvm_ray.workflows.prepare import prepare_windows, read_bank
+from lvm_ray.workflows.evaluate import checkpoint_with_windows
 
 
 def principal_basis(x: np.ndarray, share: float) -> np.ndarray:
@@ -55,11 +52,7 @@ def main() -> None:
           "cos(p, last) | ratio | share of p in the subspace |")
     print("|---|---|---|---|---|---|---|---|---|")
     for path in a.checkpoints:
-        ck = load_checkpoint(path)
-        recorded = checkpoint_config(ck.meta)
-        bank = read_bank(recorded)
-        cfg = with_bank_width(recorded, bank)
-        ws = prepare_windows(cfg, bank)
+        ck, cfg, bank, ws = checkpoint_with_windows(path)
         ews = ws.val if a.split == "val" else ws.test
         ecfg = dataclasses.replace(cfg.eval, bootstrap=0)
         basis = principal_basis(bank.vectors[ws.train.rows], 0.99)

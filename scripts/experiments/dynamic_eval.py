@@ -29,15 +29,14 @@ import torch
 from lvm_ray.config import Config
 from lvm_ray.eval.metrics import evaluate
 from lvm_ray.eval.predict import predict_windows
-from lvm_ray.train.checkpoint import load_checkpoint
-from lvm_ray.train.loop import RowPool, with_bank_width
+from lvm_ray.train.loop import RowPool
 from lvm_ray.train.step import LocalCollective, to_batch, train_group
-from lvm_ray.workflows.evaluate import checkpoint_config
-from lvm_ray.workflows.prepare import prepare_windows, read_bank
+from lvm_ray.workflows.evaluate import checkpoint_with_windows
 
 
-def adapted_predictions(model: torch.nn.Module, cfg: Config, vectors: np.ndarray, ws, doc_of: np.ndarray,
-                        lr: float, chunk: int, steps: int, seed: int = 0) -> np.ndarray:
+def adapted_predictions(model: torch.nn.Module, cfg: Config, vectors: np.ndarray, ws,
+                        doc_of: np.ndarray, lr: float, chunk: int, steps: int, seed: int = 0
+                        ) -> np.ndarray:
     """(M, D) predictions, each from the model adapted on its document's earlier chunks."""
     torch.manual_seed(seed)
     pool = RowPool(vectors, ws.rows, "cpu")
@@ -69,11 +68,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per setting")
     a = ap.parse_args()
 
-    ck = load_checkpoint(a.checkpoint)
-    recorded = checkpoint_config(ck.meta)  # the bank and windows the model was trained on
-    bank = read_bank(recorded)
-    cfg = with_bank_width(recorded, bank)
-    ws = prepare_windows(cfg, bank)
+    ck, cfg, bank, ws = checkpoint_with_windows(a.checkpoint)  # the bank it was trained on
     ews = ws.val if a.split == "val" else ws.test
     doc_of = bank.doc_ids[ews.target_rows]
     assert np.all(np.diff(ews.end) > 0), "windows must be in corpus order"
