@@ -223,8 +223,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         init_ray(address=args.address, verbose=args.verbose)
     rows = [r for r in (args.rows or "").split(",") if r] or None
     out = run_ablation(cfg, rows, args.out, use_ray=args.ray, config_path=args.config,
-                       presets=presets_of(args), extra=parse_overrides(args.overrides),
-                       force=args.force)
+                       presets=presets_of(args), extra=overrides_of(args), force=args.force)
     print(out["table"])
     print(f"table: {out['out_dir']}/ablations.md")
     return 0

@@ -35,6 +35,27 @@ def test_row_command_rebuilds_the_row_config(row, tmp_path):
     assert config_from_args(args) == ablate.row_config(base, row, tmp_path / "abl")
 
 
+def test_ablate_with_bank_flag_gives_commands_that_train_on_that_bank(tmp_path, monkeypatch):
+    """`lvm ablate --bank B`: each row's reproduce command names B too (it used to drop it and
+    so trained on the config's default corpus)."""
+    seen = {}
+
+    def fake_run_ablation(cfg, rows, out, **kw):
+        seen.update(cfg=cfg, extra=kw["extra"], presets=kw["presets"])
+        return {"table": "", "out_dir": str(out)}
+
+    monkeypatch.setattr(ablate, "run_ablation", fake_run_ablation)
+    bank = str(tmp_path / "mine.parquet")
+    args = build_parser().parse_args(["ablate", "--smoke-test", "--bank", bank, "--rows", "gru",
+                                      "--set", "train.max_epochs=2", "--out", str(tmp_path)])
+    assert args.fn(args) == 0
+    row = ablate.ROWS[ablate.ROW_NAMES.index("gru")]
+    cmd = ablate.row_command(row, tmp_path, None, seen["presets"], seen["extra"])
+    rebuilt = config_from_args(build_parser().parse_args(shlex.split(cmd)[1:]))
+    assert rebuilt.bank_path == bank and rebuilt.corpus.source == "bank"
+    assert rebuilt == ablate.row_config(seen["cfg"], row, tmp_path)
+
+
 @pytest.mark.slow
 def test_run_ablation_trains_rows_writes_table_and_reuses(tmp_path):
     extra = {"train": {"max_epochs": 2}, "bank_path": str(tmp_path / "bank.parquet"),

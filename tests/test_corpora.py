@@ -1,7 +1,7 @@
 """Corpus recipes outside the package, the King James Bible (scripts/corpora/kjv.py) and SWORD
-commentaries (scripts/corpora/sword.py), run against stand-ins for Debian's `bible` and
-`diatheke` programs that print the same formats; and the bank tools beside them (merge_banks,
-subsample_bank)."""
+commentaries (scripts/corpora/sword.py, per chapter or per section of a mod2imp dump), run
+against stand-ins for Debian's `bible` and `diatheke` programs and `mod2imp`'s dump format; and
+the bank tools beside them (merge_banks, subsample_bank)."""
 
 import importlib.util
 import json
@@ -118,6 +118,40 @@ def test_sword_recipe_without_the_program_says_what_to_install(tmp_path, capsys)
     assert script_module("sword").main(["--diatheke", str(tmp_path / "nope"), "--out",
                                         str(tmp_path / "x.jsonl")]) == 2
     assert "apt-get install diatheke" in capsys.readouterr().err
+
+
+def fake_imp() -> str:
+    """A mod2imp dump the way Debian's broken MHCC index prints it: keys that do not match their
+    text, a paragraph repeated under a later key, sections out of id order, a book
+    introduction before the first label, and a section whose label has no prose."""
+    def para(n: int, body: str) -> str:
+        return f'<div sID="gen{n}" type="x-p"/> {body} <div eID="gen{n}" type="x-p"/>'
+    label = '<hi type="bold">Verses {}</hi>'.format
+    return "\n".join([
+        "$$$Genesis 0:0", para(1, "An introduction to the book."),
+        "$$$Genesis 1:1", para(2, label("1-2")), para(4, "God made light. It was good!"),
+        "$$$Genesis 1:2", para(7, label("6-8")) + para(8, "The firmament. The waters parted."),
+        "$$$Genesis 1:3", para(4, "God made light. It was good!"),  # the broken index repeats
+        para(5, '<reference osisRef="John.1.1">Joh 1:1</reference> Only one sentence here.'),
+        "$$$Genesis 1:4", para(9, label("9") + " Let the dry land appear. It did."),
+        para(10, label("10-12")), "$$$Genesis 1:5", ""])
+
+
+def test_sword_recipe_cuts_a_mod2imp_dump_into_labelled_sections_in_paragraph_order(tmp_path):
+    sword = script_module("sword")
+    assert sword.imp_sections(fake_imp()) == [
+        ("Verses 1-2", "God made light. It was good!\n\nJoh 1:1 Only one sentence here."),
+        ("Verses 6-8", "The firmament. The waters parted."),
+        ("Verses 9", "Let the dry land appear. It did.")]  # 10-12: a label without prose
+    imp, out = tmp_path / "mhcc.imp", tmp_path / "mhcc.jsonl"
+    imp.write_text(fake_imp())
+    assert sword.main(["--module", "MHCC", "--imp", str(imp), "--min-sentences", "2",
+                       "--max-sentences", "2", "--max-docs", "1", "--out", str(out)]) == 0
+    docs = [json.loads(line) for line in out.read_text().splitlines()]
+    # Section 0 has 3 sentences; 1 and 2 have 2 each; --max-docs keeps the first of those.
+    assert docs == [{"id": "MHCC-00001", "title": "Verses 6-8",
+                     "text": "The firmament. The waters parted."}]
+    assert sword.main(["--imp", str(tmp_path / "none.imp"), "--out", str(out)]) == 2
 
 
 def test_merged_bank_keeps_each_corpus_documents_positions_and_splits(tmp_path):

@@ -69,6 +69,43 @@ def test_comparison_lines_say_whether_cis_overlap():
     assert "CA 61.00% vs 60.00% (+1.00 pts, 95% CIs overlap)" in line
 
 
+def test_model_and_baseline_differ_window_by_window_with_a_paired_ci():
+    """Same windows: a model that finds everything the baseline finds plus 6% more windows is
+    clearly ahead, though 400 windows give the two runs' own CIs an overlap."""
+    from lvm_ray.eval.compare import add_paired_differences
+    from lvm_ray.eval.metrics import bootstrap_cis
+
+    rng = np.random.default_rng(1)
+    base_hits = (rng.random(400) < 0.3).astype(float)
+    extra = np.flatnonzero(base_hits == 0)[:24]
+    model_hits = base_hits.copy()
+    model_hits[extra] = 1.0
+    ca_b, ca_m = rng.random(400), rng.random(400)
+    ca_m[:5] = np.nan  # CA's empty pools: left out of the pairs
+    per = {"gru": {"bank_hit@5": model_hits, "ca": ca_m},
+           "copy-last": {"bank_hit@5": base_hits, "ca": ca_b},
+           "ridge(m=1,lambda=1)": {"bank_hit@5": 0 * base_hits, "ca": ca_b}}
+    results = {n: {"bank_hit@5": float(v["bank_hit@5"].mean())} for n, v in per.items()}
+    add_paired_differences(results, per, bootstrap=500, seed=0)
+    s = results["gru"]
+    assert s["paired_baseline"] == "copy-last"
+    assert s["paired_bank_hit@5"] == pytest.approx(24 / 400)
+    assert 0 < s["paired_bank_hit@5_lo"] < 24 / 400 < s["paired_bank_hit@5_hi"]
+    (m_lo, b_lo), (m_hi, b_hi) = bootstrap_cis(np.stack([model_hits, base_hits]), 500)
+    assert m_lo < b_hi  # the separate CIs overlap
+    assert s["paired_ca"] == pytest.approx(np.mean(ca_m[5:] - ca_b[5:]))
+    assert "paired_baseline" not in results["copy-last"]
+    line = report.comparison_lines(results)[0]
+    assert f"(+6.00 pts, paired 95% CI [{100 * s['paired_bank_hit@5_lo']:+.2f}, " in line
+    verdict = report.verdict(s | {"bank_hit@5_lo": m_lo, "bank_hit@5_hi": m_hi},
+                             {"copy-last": {**results["copy-last"], "bank_hit@5_lo": b_lo,
+                                            "bank_hit@5_hi": b_hi}}, "bank_hit@5")
+    assert "NOT shown better" in verdict and "difference +6.00 pts, paired 95% CI [+" in verdict
+    untouched = {n: dict(r) for n, r in results.items() if n != "gru"} | {"gru": {}}
+    add_paired_differences(untouched, per, bootstrap=0, seed=0)  # no bootstrap: no CIs
+    assert untouched["gru"] == {}
+
+
 def test_pngs_are_written(tmp_path):
     results = small_results()
     out = report.plot_comparison(results, tmp_path / "cmp" / "comparison.png")

@@ -28,7 +28,7 @@ from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import WindowSet, make_windows
 from lvm_ray.eval.baselines import ContextMean, Ridge, ridge_solve, ridge_stats
 from lvm_ray.eval.metrics import (bank_ranks, bootstrap_cis, contrastive_accuracy,
-                                  hits_from_ranks, mrr_values, select_score)
+                                  hits_from_ranks, mrr_values, paired_diff_ci, select_score)
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 500, 1000)
 METRICS = ("bank_hit@5", "mrr", "ca")
@@ -75,15 +75,6 @@ def summarize(per: dict[str, np.ndarray], bootstrap: int = 1000, seed: int = 0
     for i, k in enumerate(keys):
         out[k], out[f"{k}_lo"], out[f"{k}_hi"] = float(vals[i].mean()), float(lo[i]), float(hi[i])
     return out
-
-
-def paired_diff_ci(a: np.ndarray, b: np.ndarray, bootstrap: int = 1000, seed: int = 0
-                   ) -> tuple[float, float, float]:
-    """Mean of a - b over the same targets and its 95% bootstrap CI (targets resampled together,
-    so what both models find easy or hard cancels out)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    lo, hi = bootstrap_cis(d[None], bootstrap, seed)
-    return float(d.mean()), float(lo[0]), float(hi[0])
 
 
 def saturation(per: dict[int, dict[str, np.ndarray]], metric: str = "bank_hit@5",

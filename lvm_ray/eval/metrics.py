@@ -289,6 +289,20 @@ def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0, alpha: float 
     return float(lo[0]), float(hi[0])
 
 
+def paired_diff_ci(a: np.ndarray, b: np.ndarray, bootstrap: int = 1000, seed: int = 0
+                   ) -> tuple[float, float, float]:
+    """Mean of a - b over the same targets and its 95% bootstrap CI (targets resampled together,
+    so what both models find easy or hard cancels out). Pairs with a NaN (CA's empty pool) are
+    left out."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape and a.ndim == 1, (a.shape, b.shape)
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = bootstrap_cis(d[None], bootstrap, seed)
+    return float(d.mean()), float(lo[0]), float(hi[0])
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 

@@ -59,6 +59,15 @@ def _overlap(a: dict, b: dict, key: str) -> str:
     return "95% CIs do not overlap" if sep else "95% CIs overlap"
 
 
+def _paired(s: dict, key: str, baseline: str) -> str:
+    """", paired 95% CI [lo, hi]" when the difference to this baseline was bootstrapped window
+    by window (compare.add_paired_differences), else ""."""
+    if s.get("paired_baseline") != baseline or f"paired_{key}_lo" not in s:
+        return ""
+    return (f", paired 95% CI [{100 * s[f'paired_{key}_lo']:+.2f}, "
+            f"{100 * s[f'paired_{key}_hi']:+.2f}]")
+
+
 def best_baseline(results: dict[str, dict], key: str = "bank_hit@5") -> str | None:
     names = [n for n in results if is_baseline(n) and key in results[n]]
     return max(names, key=lambda n: results[n][key]) if names else None
@@ -84,8 +93,8 @@ def comparison_lines(results: dict[str, dict]) -> list[str]:
             if k in s and k in b:
                 label = k.replace("bank_hit", "bank-Hit").replace("ca", "CA")
                 diff = 100 * (s[k] - b[k])
-                parts.append(f"{label} {_pct(s[k])} vs {_pct(b[k])} ({diff:+.2f} pts, "
-                             f"{_overlap(s, b, k)})")
+                parts.append(f"{label} {_pct(s[k])} vs {_pct(b[k])} ({diff:+.2f} pts"
+                             f"{_paired(s, k, best)}, {_overlap(s, b, k)})")
         lines.append(f"- **{name}** vs best baseline **{best}**: " + "; ".join(parts))
     return lines
 
@@ -211,6 +220,8 @@ def verdict(model: dict[str, Any], baselines: dict[str, dict[str, Any]], key: st
     b = baselines[best]
     label = key.replace("bank_hit", "bank-Hit").replace("_hit", "-Hit")
     where = f"{split} {label}: model {_cell(model, key)} vs {best} {_cell(b, key)}"
+    if (paired := _paired(model, key, best)):
+        where += f"; difference {100 * model[f'paired_{key}']:+.2f} pts{paired}"
     if f"{key}_lo" in model and f"{key}_lo" in b:
         if model[f"{key}_lo"] > b[f"{key}_hi"]:
             return f"verdict: the model beats the best baseline ({where}); CIs do not overlap"

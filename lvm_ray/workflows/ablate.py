@@ -223,17 +223,20 @@ def table_markdown(records: list[dict[str, Any]], title: str, meta: dict[str, An
         pool = None
     pool_head = f"pool{pool}-Hit@5" if pool else "pool-Hit@5"
     lines += ["", f"| row | change | params | epoch | bank-Hit@5 | CA | {pool_head} | cosine | "
-              "margin | best baseline: bank-Hit@5 / CA | Δ bank-Hit@5 | lanes: min / mean, "
-              "canary |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "margin | best baseline: bank-Hit@5 / CA | Δ bank-Hit@5 [paired CI] | lanes: min / "
+              "mean, canary |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s, b = r["model"], r["baseline"]
         pk = f"pool{pool}_hit@5" if pool else "pool_hit@5"
-        delta = 100 * (s["bank_hit@5"] - b["bank_hit@5"]) if b else float("nan")
+        delta = f"{100 * (s['bank_hit@5'] - b['bank_hit@5']):+.2f}" if b else "n/a"
+        if b and s.get("paired_baseline") == r["best_baseline"]:
+            delta += (f" [{100 * s['paired_bank_hit@5_lo']:+.1f}, "
+                      f"{100 * s['paired_bank_hit@5_hi']:+.1f}]")
         lines.append(
             f"| {r['row']} | {r['change']} | {r['n_parameters'] or 0:,} | {r['best_epoch']} | "
             f"{_pct(s, 'bank_hit@5')} | {_pct(s, 'ca')} | {_pct(s, pk)} | {s['cosine']:.3f} | "
             f"{s['margin']:+.3f} | {r['best_baseline']}: {_pct(b, 'bank_hit@5')} / "
-            f"{_pct(b, 'ca')} | {delta:+.2f} | {_lanes_cell(s)} |")
+            f"{_pct(b, 'ca')} | {delta} | {_lanes_cell(s)} |")
     lines += ["", "Checkpoints and the commands that reproduce them:", ""]
     for r in records:
         lines.append(f"- **{r['row']}**: `{r['checkpoint']}`  \n  `{r['command']}`")

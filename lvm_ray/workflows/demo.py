@@ -25,7 +25,8 @@ from lvm_ray.data.bank import ConceptBank
 from lvm_ray.data.windows import make_windows
 from lvm_ray.distributed.runtime import init_ray
 from lvm_ray.eval.baselines import fit_baselines
-from lvm_ray.eval.context_curve import curve_values, paired_diff_ci, summarize, truncate
+from lvm_ray.eval.context_curve import curve_values, summarize, truncate
+from lvm_ray.eval.metrics import paired_diff_ci
 from lvm_ray.eval.predict import predict_windows
 from lvm_ray.eval.report import is_baseline, summary_table, write_report
 from lvm_ray.serve.app import make_app

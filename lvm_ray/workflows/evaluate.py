@@ -122,6 +122,8 @@ def evaluate_checkpoints(ckpts: dict[str, str], config_path: str | None = None,
                                   ccfg, None if lanes is None else lanes.ids)
         if lanes is not None and split == "test":
             write_lanes(out_dir / name, lane_document(res, name, lanes, split))
+        if "paired_baseline" in res[name]:  # the baselines are renamed below
+            res[name]["paired_baseline"] += f" @L={ccfg.window.context}"
         for k, v in res.items():
             key = k if k == name else f"{k} @L={ccfg.window.context}"
             all_results.setdefault(key, v)

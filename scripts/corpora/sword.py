@@ -10,6 +10,17 @@ expository prose, ~2M words), read offline with SWORD's `diatheke`.
 
 OSIS markup (<hi>, <div>, <title> ...) is dropped; paragraphs become blank-line breaks.
 
+A small corpus of short documents: one document per labelled section ("Verses 3-5") of a whole
+commentary, read from SWORD's `mod2imp` dump. Matthew Henry's Concise Commentary (Debian's
+sword-comm-mhcc) is one: ~3,900 sections, most a paragraph of 2-10 sentences. Its verse index is
+broken in Debian's build (diatheke prints "Error reading ulCompOffset" and files text under the
+wrong verses), so sections are put in order by their paragraph ids, not by verse keys:
+
+    sudo apt-get install libsword-utils sword-comm-mhcc
+    mod2imp MHCC > data/mhcc.imp
+    python scripts/corpora/sword.py --module MHCC --imp data/mhcc.imp --min-sentences 2 \
+        --max-sentences 10 --max-docs 2000 --out data/mhcc_small.jsonl
+
 The commentary's navigation is dropped too, because each piece would become a concept of its own
 that repeats hundreds of times ("Verse 1.", "EXPOSITION", "— John Trapp.", a lone "2."), and a
 model scores easy hits on such markers without predicting anything: section titles and
@@ -82,6 +93,39 @@ def chapter_text(raw: str, module: str) -> str:
     return "\n\n".join(t for t in (plain_text(b) for b in bodies) if t)
 
 
+# One OSIS paragraph, <div sID="gen18" type="x-p"/> ... <div eID="gen18" type="x-p"/>.
+IMP_PARAGRAPH = re.compile(r'<div sID="(?P<id>[A-Za-z]*(?P<n>\d+))" type="x-p"/>(?P<body>.*?)'
+                           r'<div eID="(?P=id)" type="x-p"/>', re.S)
+SECTION_LABEL = re.compile(r'<hi type="bold">\s*(?P<label>Verses?\b[^<]*?)\s*</hi>')
+SENTENCE_END = re.compile(r"[.!?][\"'”’)]*(?:\s|$)")
+
+
+def imp_sections(raw: str) -> list[tuple[str, str]]:
+    """A mod2imp dump -> (label, plain text) per labelled section, in the module's order.
+
+    A broken verse index repeats paragraphs under several keys and out of order, so paragraphs
+    are read once each by their OSIS id, in id order. A paragraph holding a bold "Verse(s) ..."
+    label opens a section; its prose and the paragraphs after it, up to the next label, are its
+    text.
+    Text before the first label (book introductions) and sections without prose are dropped."""
+    paras: dict[int, str] = {}
+    for m in IMP_PARAGRAPH.finditer(raw):
+        paras.setdefault(int(m["n"]), m["body"])
+    sections: list[tuple[str, list[str]]] = []
+    for n in sorted(paras):
+        label = SECTION_LABEL.search(paras[n])
+        if label:
+            sections.append((label["label"], []))
+        if sections and (text := plain_text(paras[n])):  # plain_text drops the label itself
+            sections[-1][1].append(text)
+    return [(label, "\n\n".join(body)) for label, body in sections if body]
+
+
+def sentence_count(text: str) -> int:
+    """Roughly the concepts a section becomes (the ingest splits it with its own splitter)."""
+    return len(SENTENCE_END.findall(text))
+
+
 def read_chapter(diatheke: str, module: str, book: str, chapter: int) -> str:
     out = subprocess.run([diatheke, "-b", module, "-k", f"{book} {chapter}"],
                          capture_output=True, text=True, check=True).stdout
@@ -93,23 +137,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--module", default="TDavid", help="the SWORD module (diatheke -b)")
     ap.add_argument("--book", default="Psalms")
     ap.add_argument("--chapters", type=int, default=150, help="chapters 1..N, one document each")
+    ap.add_argument("--imp", help="a mod2imp dump: one document per labelled section instead "
+                    "of one per chapter (diatheke is then not needed)")
+    ap.add_argument("--min-sentences", type=int, default=1, help="with --imp: shorter sections "
+                    "are dropped")
+    ap.add_argument("--max-sentences", type=int, default=1_000_000, help="with --imp: longer "
+                    "sections are dropped")
+    ap.add_argument("--max-docs", type=int, default=0, help="with --imp: the first N sections "
+                    "kept (0: all)")
     ap.add_argument("--out", default="data/tdavid.jsonl")
     ap.add_argument("--diatheke", default=shutil.which("diatheke") or "/usr/bin/diatheke")
     args = ap.parse_args(argv)
-    if not Path(args.diatheke).is_file():
+    if args.imp and not Path(args.imp).is_file():
+        print(f"sword: {args.imp} not found; write it with `mod2imp {args.module} > {args.imp}` "
+              "(apt-get install libsword-utils and the module's package)", file=sys.stderr)
+        return 2
+    if not args.imp and not Path(args.diatheke).is_file():
         print(f"sword: {args.diatheke} not found; install Debian's diatheke and the module's "
               "package (apt-get install diatheke sword-comm-tdavid) or pass --diatheke",
               file=sys.stderr)
         return 2
-    docs = []
-    for ch in range(1, args.chapters + 1):
-        text = read_chapter(args.diatheke, args.module, args.book, ch)
-        if text:
-            docs.append({"id": f"{args.module}-{ch:03d}", "title": f"{args.book} {ch}",
-                         "text": text})
+    if args.imp:
+        docs = [{"id": f"{args.module}-{i:05d}", "title": label, "text": text}
+                for i, (label, text) in enumerate(imp_sections(
+                    Path(args.imp).read_text(encoding="utf-8", errors="replace")))
+                if args.min_sentences <= sentence_count(text) <= args.max_sentences]
+        docs = docs[:args.max_docs] if args.max_docs else docs
+    else:
+        docs = []
+        for ch in range(1, args.chapters + 1):
+            text = read_chapter(args.diatheke, args.module, args.book, ch)
+            if text:
+                docs.append({"id": f"{args.module}-{ch:03d}", "title": f"{args.book} {ch}",
+                             "text": text})
     if not docs:
-        print(f"sword: module {args.module!r} gave no text for {args.book} 1-{args.chapters}",
-              file=sys.stderr)
+        where = args.imp or f"{args.book} 1-{args.chapters}"
+        print(f"sword: module {args.module!r} gave no text for {where}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
