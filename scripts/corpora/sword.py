@@ -106,8 +106,8 @@ def imp_sections(raw: str) -> list[tuple[str, str]]:
     A broken verse index repeats paragraphs under several keys and out of order, so paragraphs
     are read once each by their OSIS id, in id order. A paragraph holding a bold "Verse(s) ..."
     label opens a section; its prose and the paragraphs after it, up to the next label, are its
-    text.
-    Text before the first label (book introductions) and sections without prose are dropped."""
+    text. Text before the first label (book introductions) and sections without prose are
+    dropped."""
     paras: dict[int, str] = {}
     for m in IMP_PARAGRAPH.finditer(raw):
         paras.setdefault(int(m["n"]), m["body"])
@@ -130,6 +130,26 @@ def read_chapter(diatheke: str, module: str, book: str, chapter: int) -> str:
     out = subprocess.run([diatheke, "-b", module, "-k", f"{book} {chapter}"],
                          capture_output=True, text=True, check=True).stdout
     return chapter_text(out, module)
+
+
+def section_docs(args: argparse.Namespace) -> list[dict[str, str]]:
+    """One document per labelled section of a mod2imp dump, kept by length, the first N."""
+    raw = Path(args.imp).read_text(encoding="utf-8", errors="replace")
+    docs = [{"id": f"{args.module}-{i:05d}", "title": label, "text": text}
+            for i, (label, text) in enumerate(imp_sections(raw))
+            if args.min_sentences <= sentence_count(text) <= args.max_sentences]
+    return docs[:args.max_docs] if args.max_docs else docs
+
+
+def chapter_docs(args: argparse.Namespace) -> list[dict[str, str]]:
+    """One document per chapter 1..N of one book, read with diatheke; empty chapters skipped."""
+    docs = []
+    for ch in range(1, args.chapters + 1):
+        text = read_chapter(args.diatheke, args.module, args.book, ch)
+        if text:
+            docs.append({"id": f"{args.module}-{ch:03d}", "title": f"{args.book} {ch}",
+                         "text": text})
+    return docs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,19 +177,7 @@ def main(argv: list[str] | None = None) -> int:
               "package (apt-get install diatheke sword-comm-tdavid) or pass --diatheke",
               file=sys.stderr)
         return 2
-    if args.imp:
-        docs = [{"id": f"{args.module}-{i:05d}", "title": label, "text": text}
-                for i, (label, text) in enumerate(imp_sections(
-                    Path(args.imp).read_text(encoding="utf-8", errors="replace")))
-                if args.min_sentences <= sentence_count(text) <= args.max_sentences]
-        docs = docs[:args.max_docs] if args.max_docs else docs
-    else:
-        docs = []
-        for ch in range(1, args.chapters + 1):
-            text = read_chapter(args.diatheke, args.module, args.book, ch)
-            if text:
-                docs.append({"id": f"{args.module}-{ch:03d}", "title": f"{args.book} {ch}",
-                             "text": text})
+    docs = section_docs(args) if args.imp else chapter_docs(args)
     if not docs:
         where = args.imp or f"{args.book} 1-{args.chapters}"
         print(f"sword: module {args.module!r} gave no text for {where}", file=sys.stderr)
