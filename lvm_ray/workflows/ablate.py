@@ -118,6 +118,10 @@ ROWS: tuple[Row, ...] = (
     # that no training window is seen twice exactly (std 0.025: cosine ~0.9 to the clean one).
     Row("wide_noise", "wide, context vectors noised in training (std 0.025 per dimension)",
         {"model": {"hidden": 512}, "train": {**_WIDE_TRAIN, "context_noise": 0.025}}),
+    # Do the single levers stack? The longest context (ctx1000) with neg16k's negatives and
+    # stopping: the two rows with the highest test scores of a MemoryGRU on sotu.
+    Row("stacked", "context 1000 + 16,384 bank negatives + val5k's early stopping",
+        {"window": {"context": 1000}, "loss": {"bank_negatives": 16384}, "train": _VAL5K}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
