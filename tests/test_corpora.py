@@ -224,3 +224,37 @@ def test_subsampled_bank_drops_whole_training_documents_and_keeps_val_and_test(t
     assert set(again.doc_ids) == set(small.doc_ids) and set(other.doc_ids) != set(small.doc_ids)
     with pytest.raises(SystemExit):
         sub.main(["--fraction", "0", "--out", str(tmp_path / "z.parquet"), str(path)])
+
+
+def test_reversed_training_copies_read_each_training_document_backwards(tmp_path):
+    import numpy as np
+
+    from lvm_ray.config import WindowConfig
+    from lvm_ray.data.bank import load_bank, save_bank
+    from lvm_ray.data.synthetic import make_synthetic_bank
+    from lvm_ray.data.windows import make_windows
+
+    bank = make_synthetic_bank(n_docs=12, doc_len=(5, 9), dim=8, seed=0)
+    path = save_bank(bank, tmp_path / "full.parquet")
+    sub = script_module("subsample_bank")
+    assert sub.main(["--reversed", "--out", str(tmp_path / "r.parquet"), str(path)]) == 0
+    rev = load_bank(tmp_path / "r.parquet")
+    splits, docs = np.asarray(bank.splits).astype(str), np.asarray(bank.doc_ids)
+    n = len(bank)
+    # The original rows first and unchanged, val and test among them only.
+    np.testing.assert_array_equal(rev.vectors[:n], bank.vectors)
+    new = np.asarray(rev.splits).astype(str)[n:]
+    assert set(new) == {"train"} and len(new) == int((splits == "train").sum())
+    for d in set(docs[splits == "train"]):
+        mine = np.flatnonzero(docs == d)
+        copy = np.flatnonzero(np.asarray(rev.doc_ids) == f"rev:{d}")
+        np.testing.assert_array_equal(rev.positions[copy], np.arange(len(mine)))
+        # Position k of the copy is position n-1-k of the original.
+        order = mine[np.argsort(bank.positions[mine])]
+        np.testing.assert_array_equal(rev.vectors[copy], bank.vectors[order[::-1]])
+        assert list(np.asarray(rev.texts)[copy]) == list(np.asarray(bank.texts)[order[::-1]])
+    cfg = WindowConfig(context=4, min_context=2)
+    for s in ("val", "test"):
+        assert len(make_windows(rev, s, cfg)) == len(make_windows(bank, s, cfg))
+    assert len(make_windows(rev, "train", cfg)) == 2 * len(make_windows(bank, "train", cfg))
+    assert rev.meta["corpus"]["source"] == "reversed_train"

@@ -26,3 +26,17 @@ def test_projection_undoes_an_off_subspace_component(experiment_script):
     back = cs.projected(diluted, basis)
     np.testing.assert_allclose(np.linalg.norm(back, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(back @ x.T, s_p, atol=0.05)
+
+
+def test_centring_penalises_concepts_along_the_mean(experiment_script):
+    cs = experiment_script("cosine_scale")
+    p = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]], np.float32)
+    mean = np.array([0.0, 0.5, 0.0], np.float32)
+    q = cs.centred(p, mean, 1.0)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(cs.centred(p, mean, 0.0), p, atol=1e-6)  # beta 0: as trained
+    np.testing.assert_allclose(q[0], np.array([1.0, -0.5, 0.0]) / np.hypot(1.0, 0.5), atol=1e-6)
+    np.testing.assert_allclose(q[1], np.array([0.6, 0.3, 0.0]) / np.hypot(0.6, 0.3), atol=1e-6)
+    # A concept along the mean loses against one across it, for the same raw cosine.
+    hub, other = np.array([0.6, 0.8, 0.0]), np.array([0.6, 0.0, 0.8])
+    assert q[1] @ hub < p[1] @ hub and q[1] @ other > p[1] @ other

@@ -1,7 +1,9 @@
-"""A concept bank -> the same bank with only a fraction of its training documents, for the
-data-scaling curve (docs/results.md 10.6): whole training documents are dropped (a seeded draw),
-every val and test document is kept with its rows unchanged, so a model trained on the smaller
-bank is scored on the same test windows and the same test bank as one trained on all of it.
+"""A concept bank -> the same bank with other training data: only a fraction of its training
+documents, for the data-scaling curve (docs/results.md 10.6), or (--reversed) every training
+document twice, forwards and backwards, a data augmentation that needs no new text (10.18).
+Whole training documents are dropped (a seeded draw) or added; every val and test document is
+kept with its rows unchanged, so a model trained on the new bank is scored on the same test
+windows and the same test bank as one trained on the original.
 
     python scripts/corpora/subsample_bank.py --fraction 0.25 --out data/sotu_train25_bank.parquet \\
         data/sotu_full_bank.parquet
@@ -44,16 +46,52 @@ def subsample_train(bank: ConceptBank, fraction: float, seed: int = 0) -> Concep
         lanes=np.asarray(bank.lanes)[keep], meta=meta)
 
 
+def with_reversed_train(bank: ConceptBank) -> ConceptBank:
+    """The bank plus a reversed copy of each training document (id "rev:" + its id, its concepts
+    last to first, positions 0..n-1 again), appended after every other row. The copies are
+    training rows, so val and test windows never see them."""
+    doc_ids = np.asarray(bank.doc_ids).astype(object)
+    splits = np.asarray(bank.splits).astype(str)
+    rows = []
+    for d in dict.fromkeys(doc_ids[splits == "train"]):  # corpus order
+        r = np.flatnonzero(doc_ids == d)
+        rows.append(r[np.argsort(-np.asarray(bank.positions)[r], kind="stable")])
+    if not rows:
+        raise ValueError("the bank has no training documents")
+    rev = np.concatenate(rows)
+    n_rev = np.concatenate([np.full(len(r), f"rev:{doc_ids[r[0]]}", dtype=object) for r in rows])
+    pos = np.concatenate([np.arange(len(r), dtype=np.int32) for r in rows])
+    meta = {k: v for k, v in bank.meta.items()
+            if k in ("encoder", "encoder_backend", "dim", "chunking", "split")}
+    meta["corpus"] = {"source": "reversed_train", "train_documents": f"{len(rows)} + {len(rows)} reversed",
+                      "of": bank.meta.get("corpus")}
+
+    def cat(a, b) -> np.ndarray:
+        return np.concatenate([np.asarray(a, dtype=object), np.asarray(b, dtype=object)])
+
+    return ConceptBank(
+        doc_ids=cat(doc_ids, n_rev),
+        positions=np.concatenate([np.asarray(bank.positions, dtype=np.int32), pos]),
+        texts=cat(bank.texts, np.asarray(bank.texts, dtype=object)[rev]),
+        vectors=np.concatenate([bank.vectors, bank.vectors[rev]]),
+        splits=cat(bank.splits, np.full(len(rev), "train", dtype=object)),
+        lanes=np.concatenate([np.asarray(bank.lanes), np.asarray(bank.lanes)[rev]]), meta=meta)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bank", help="the full bank")
-    ap.add_argument("--fraction", type=float, required=True,
+    ap.add_argument("--fraction", type=float, default=1.0,
                     help="the share of training documents to keep, in (0, 1]")
+    ap.add_argument("--reversed", action="store_true",
+                    help="then add a reversed copy of each kept training document")
     ap.add_argument("--seed", type=int, default=0, help="which documents are drawn")
     ap.add_argument("--out", required=True, help="the smaller bank (one Parquet file)")
     args = ap.parse_args(argv)
     try:
         small = subsample_train(load_bank(args.bank), args.fraction, args.seed)
+        if args.reversed:
+            small = with_reversed_train(small)
     except ValueError as e:
         ap.error(str(e))
     out = save_bank(small, args.out)

@@ -8,11 +8,14 @@ top directions holding 99% of its squared norm), and bank-Hit@5 / margin / PAR o
 and of p projected onto that subspace (a diagnostic of what margin and PAR measure here, not a way
 to raise them: the issue rules such post-processing out).
 
+With --betas, also bank-Hit@5 of p - beta * (mean training concept), re-normalised: whether the
+predictions lean toward the bank's mean direction, where "hub" concepts crowd every top 5.
+
     python scripts/experiments/cosine_scale.py --split val \
         runs/ablations/base/checkpoints/epoch_003 runs/ablations/temp003/checkpoints/epoch_005 \
         runs/ablations/temp001/checkpoints/epoch_007
 
-docs/results.md 10.14 reports the run.
+docs/results.md 10.14 reports the run, 10.17 the --betas check.
 """
 
 from __future__ import annotations
@@ -43,10 +46,19 @@ def projected(p: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
+def centred(p: np.ndarray, mean: np.ndarray, beta: float) -> np.ndarray:
+    """p (M, D) minus beta * mean (D,), rows re-normalised."""
+    assert p.ndim == 2 and mean.shape == (p.shape[1],)
+    q = p - beta * mean
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", type=Path)
     ap.add_argument("--split", choices=("val", "test"), default="val")
+    ap.add_argument("--betas", nargs="*", type=float, default=[],
+                    help="also score p - beta * mean(training concepts) for each beta")
     a = ap.parse_args()
     print("| checkpoint | predictions | bank-Hit@5 | margin | PAR | cos(p, truth) | "
           "cos(p, last) | ratio | share of p in the subspace |")
@@ -67,6 +79,11 @@ def main() -> None:
             print(f"| {path} | {name} | {100 * r['bank_hit@5']:.2f} | {r['margin']:.3f} | "
                   f"{r['par']:.3f} | {cy:.3f} | {cl:.3f} | {cy / cl:.2f} | "
                   f"{inside if p is pred else 1.0:.3f} |")
+        mean = bank.vectors[ws.train.rows].mean(0)
+        for beta in a.betas:
+            r = evaluate(centred(pred, mean, beta), ews, bank, ecfg)
+            print(f"| {path} | minus {beta:g} x the mean concept | {100 * r['bank_hit@5']:.2f} | "
+                  f"{r['margin']:.3f} | {r['par']:.3f} | | | | |")
 
 
 if __name__ == "__main__":
