@@ -21,6 +21,12 @@ import numpy as np
 from lvm_ray.data.bank import ConceptBank, load_bank, save_bank
 
 
+def _kept_meta(bank: ConceptBank) -> dict:
+    """What still describes the new bank: its encoder, chunking and split rule."""
+    return {k: v for k, v in bank.meta.items()
+            if k in ("encoder", "encoder_backend", "dim", "chunking", "split")}
+
+
 def subsample_train(bank: ConceptBank, fraction: float, seed: int = 0) -> ConceptBank:
     """The rows of every val and test document and of round(fraction * n) of the n training
     documents (at least one), drawn with seed; rows stay in input order."""
@@ -34,8 +40,7 @@ def subsample_train(bank: ConceptBank, fraction: float, seed: int = 0) -> Concep
     n_keep = max(1, round(fraction * len(train_docs)))
     picked = np.random.default_rng(seed).choice(len(train_docs), size=n_keep, replace=False)
     keep = (splits != "train") | np.isin(doc_ids, [train_docs[i] for i in picked])
-    meta = {k: v for k, v in bank.meta.items()
-            if k in ("encoder", "encoder_backend", "dim", "chunking", "split")}
+    meta = _kept_meta(bank)
     meta["corpus"] = {"source": "subsampled", "train_fraction": fraction, "seed": seed,
                       "train_documents": f"{n_keep} of {len(train_docs)}",
                       "of": bank.meta.get("corpus")}
@@ -61,9 +66,9 @@ def with_reversed_train(bank: ConceptBank) -> ConceptBank:
     rev = np.concatenate(rows)
     n_rev = np.concatenate([np.full(len(r), f"rev:{doc_ids[r[0]]}", dtype=object) for r in rows])
     pos = np.concatenate([np.arange(len(r), dtype=np.int32) for r in rows])
-    meta = {k: v for k, v in bank.meta.items()
-            if k in ("encoder", "encoder_backend", "dim", "chunking", "split")}
-    meta["corpus"] = {"source": "reversed_train", "train_documents": f"{len(rows)} + {len(rows)} reversed",
+    meta = _kept_meta(bank)
+    meta["corpus"] = {"source": "reversed_train",
+                      "train_documents": f"{len(rows)} + {len(rows)} reversed",
                       "of": bank.meta.get("corpus")}
 
     def cat(a, b) -> np.ndarray:
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reversed", action="store_true",
                     help="then add a reversed copy of each kept training document")
     ap.add_argument("--seed", type=int, default=0, help="which documents are drawn")
-    ap.add_argument("--out", required=True, help="the smaller bank (one Parquet file)")
+    ap.add_argument("--out", required=True, help="the new bank (one Parquet file)")
     args = ap.parse_args(argv)
     try:
         small = subsample_train(load_bank(args.bank), args.fraction, args.seed)
