@@ -56,19 +56,20 @@ def with_reversed_train(bank: ConceptBank) -> ConceptBank:
     last to first, positions 0..n-1 again), appended after every other row. The copies are
     training rows, so val and test windows never see them."""
     doc_ids = np.asarray(bank.doc_ids).astype(object)
-    splits = np.asarray(bank.splits).astype(str)
-    rows = []
-    for d in dict.fromkeys(doc_ids[splits == "train"]):  # corpus order
-        r = np.flatnonzero(doc_ids == d)
-        rows.append(r[np.argsort(-np.asarray(bank.positions)[r], kind="stable")])
-    if not rows:
+    train = np.flatnonzero(np.asarray(bank.splits).astype(str) == "train")
+    if not len(train):
         raise ValueError("the bank has no training documents")
-    rev = np.concatenate(rows)
-    n_rev = np.concatenate([np.full(len(r), f"rev:{doc_ids[r[0]]}", dtype=object) for r in rows])
-    pos = np.concatenate([np.arange(len(r), dtype=np.int32) for r in rows])
+    # One sort, no loop over documents: by document (in corpus order), then position descending.
+    _, first, doc = np.unique(doc_ids[train], return_index=True, return_inverse=True)
+    corpus_rank = np.argsort(np.argsort(first))  # each document's place in corpus order
+    order = np.lexsort((-np.asarray(bank.positions)[train], corpus_rank[doc]))
+    rev = train[order]
+    sizes = np.bincount(corpus_rank[doc])  # rows per document, in corpus order
+    pos = (np.arange(len(rev)) - np.repeat(np.cumsum(sizes) - sizes, sizes)).astype(np.int32)
+    n_rev = np.array([f"rev:{d}" for d in doc_ids[rev]], dtype=object)
     meta = _kept_meta(bank)
     meta["corpus"] = {"source": "reversed_train",
-                      "train_documents": f"{len(rows)} + {len(rows)} reversed",
+                      "train_documents": f"{len(sizes)} + {len(sizes)} reversed",
                       "of": bank.meta.get("corpus")}
 
     def cat(a, b) -> np.ndarray:

@@ -79,7 +79,7 @@ def main() -> None:
             print(f"| {path} | {name} | {100 * r['bank_hit@5']:.2f} | {r['margin']:.3f} | "
                   f"{r['par']:.3f} | {cy:.3f} | {cl:.3f} | {cy / cl:.2f} | "
                   f"{inside if p is pred else 1.0:.3f} |")
-        mean = bank.vectors[ws.train.rows].mean(0)
+        mean = bank.vectors[ws.train.rows].mean(0) if a.betas else None
         for beta in a.betas:
             r = evaluate(centred(pred, mean, beta), ews, bank, ecfg)
             print(f"| {path} | minus {beta:g} x the mean concept | {100 * r['bank_hit@5']:.2f} | "
