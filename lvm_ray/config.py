@@ -205,6 +205,9 @@ class TrainConfig:
     # Training only: Gaussian noise of this std per dimension added to every context vector, which
     # is then re-normalised (targets untouched); a regulariser against memorising the windows.
     context_noise: float = 0.0
+    # Exponential moving average of the weights (Polyak averaging) with this decay per optimiser
+    # step, 0 = off: the average, not the last step's weights, is evaluated on val and saved.
+    ema: float = 0.0
     seed: int = 0
     device: str = "auto"
     # The vectors the workers train on: "float16" halves the shared copy (the object store's and
@@ -217,6 +220,7 @@ class TrainConfig:
                 "train.batch_size, micro_batch and max_epochs must be >= 1")
         require(self.lr > 0, "train.lr must be > 0")
         require(self.context_noise >= 0, "train.context_noise must be >= 0")
+        require(0 <= self.ema < 1, "train.ema must be in [0, 1)")
         require(self.step_targets >= 1, "train.step_targets must be >= 1")
 
 

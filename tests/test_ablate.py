@@ -89,3 +89,16 @@ def test_run_ablation_trains_rows_writes_table_and_reuses(tmp_path):
     gru_rec = json.loads((tmp_path / "abl" / "gru" / "ablation_row.json").read_text())
     assert ablate._saved_row(tmp_path / "abl", "gru", str(tmp_path / "b2"), []) is None
     assert ablate._saved_row(tmp_path / "abl", "gru", base.bank_path, []) == gru_rec
+
+
+def test_a_set_that_a_row_overrides_is_refused_before_training(tmp_path):
+    """`--rows ema --set train.ema=0.97` would train the row's 0.9 and say nothing: refused,
+    naming the key; a --set of the same value, or of a key the row leaves alone, is accepted."""
+    base = load_config(presets=["smoke"])
+    with pytest.raises(ValueError, match=r"train\.ema=0\.97 \(row ema: 0\.9\)"):
+        ablate.run_ablation(base, ["ema"], tmp_path / "abl", extra={"train": {"ema": 0.97}})
+    assert not (tmp_path / "abl").exists()
+    row = ablate.ROWS[ablate.ROW_NAMES.index("ema")]
+    ablate.check_no_conflict(row, tmp_path, {"train": {"ema": 0.9, "lr": 0.01}})
+    with pytest.raises(ValueError, match="run.name"):
+        ablate.check_no_conflict(row, tmp_path, {"run": {"name": "mine"}})

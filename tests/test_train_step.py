@@ -146,14 +146,17 @@ def test_tiny_memory_gru_beats_copy_last(tmp_path, synthetic_bank):
     assert len(res["history"]) == 5
 
 
-def test_resume_after_crash_ends_where_an_uninterrupted_run_ends(tmp_path, synthetic_bank):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_after_crash_ends_where_an_uninterrupted_run_ends(tmp_path, synthetic_bank, ema):
     """A run that dies after epoch 1 and resumes from its latest checkpoint reproduces the
-    uninterrupted run's history (losses, val metrics, best epoch) exactly."""
+    uninterrupted run's history (losses, val metrics, best epoch) exactly; with train.ema the
+    checkpoint holds the average and the state the last step's weights, both restored."""
     from pathlib import Path
 
     from lvm_ray.train.loop import Runtime, fit, local_epoch_indices
 
-    cfg = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 4, "patience": 10}})
+    cfg = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 4, "patience": 10,
+                                                               "ema": ema}})
     ws = prepare_windows(cfg, synthetic_bank)
     full = fit_local(cfg, synthetic_bank, ws.train, ws.val, tmp_path / "full")
 
@@ -221,3 +224,33 @@ def test_init_from_starts_from_the_checkpoints_weights(tmp_path, synthetic_bank)
     assert res["best_epoch"] >= 0
     assert res["history"][res["best_epoch"] + 1]["val_bank_hit@5"] > res["history"][0][
         "val_bank_hit@5"]
+
+
+def test_ema_scores_and_saves_the_moving_average_of_the_weights(tmp_path, synthetic_bank):
+    """weight_average follows avg <- d * avg + (1 - d) * w after the first copy; with train.ema
+    the saved checkpoint is that average, not the last step's weights."""
+    from lvm_ray.train.checkpoint import load_checkpoint, load_train_state
+    from lvm_ray.train.loop import weight_average
+
+    lin = torch.nn.Linear(3, 2)
+    avg = weight_average(lin, 0.75)
+    w = [torch.full_like(lin.weight, v) for v in (1.0, 3.0, 5.0)]
+    for v in w:
+        with torch.no_grad():
+            lin.weight.copy_(v)
+        avg.update_parameters(lin)
+    expect = 0.75 * (0.75 * 1.0 + 0.25 * 3.0) + 0.25 * 5.0
+    assert torch.allclose(avg.module.weight, torch.full_like(lin.weight, expect))
+    assert weight_average(lin, 0.0) is None
+    with pytest.raises(ValueError, match="train.ema"):
+        TrainConfig(ema=1.0)
+
+    cfg = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 2, "ema": 0.5}})
+    ws = prepare_windows(cfg, synthetic_bank)
+    ck = fit_local(cfg, synthetic_bank, ws.train, ws.val, tmp_path / "ema")["best_checkpoint"]
+    saved, state = load_checkpoint(ck).model.state_dict(), load_train_state(ck)
+    assert int(state["ema_n_averaged"]) >= 2
+    assert any(not torch.equal(v, state["train_weights"][k]) for k, v in saved.items())
+    plain = load_config(presets=["smoke"], overrides={"train": {"max_epochs": 2}})
+    with pytest.raises(ValueError, match="train.ema"):
+        fit_local(plain, synthetic_bank, ws.train, ws.val, tmp_path / "plain", resume_from=ck)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lvm_ray.config import Config, ModelConfig, TrainConfig, to_dict
 from lvm_ray.console import say
@@ -202,6 +203,14 @@ class RowPool:
             return self.on_device[c.to(self.device)]
         rows = self.rows[c.numpy()]
         return torch.from_numpy(self.vectors[rows].astype(np.float32)).to(self.device)
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """train.ema: an exponential moving average of `model`'s weights (and buffers), updated
+    after every optimiser step; None when decay is 0."""
+    if decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def init_weights(model: torch.nn.Module, model_cfg: ModelConfig, path: str | Path) -> None:
     """train.init_from: copy checkpoint `path`'s weights into `model` (weights only). Its model
     config must equal model_cfg except dropout (a fine-tune may regularise differently)."""
@@ -232,6 +241,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         init_weights(model, cfg.model, tc.init_from)
         log.info("weights from %s (train.init_from)", tc.init_from)
     model = model.to(device)
+    ema = weight_average(model, tc.ema)
     opt = make_optimizer(model, tc)
     accum = accumulation_steps(tc, coll.world_size)
     spe = check_steps(len(rt.epoch_indices(0)), tc, coll.world_size)
@@ -242,10 +252,17 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
 
     if rt.resume_from is not None:
         ck = load_checkpoint(rt.resume_from, device="cpu")
-        model.load_state_dict(ck.model.state_dict())
         st = load_train_state(rt.resume_from)
         if st is None:
             raise ValueError(f"{rt.resume_from} holds no training state to resume from")
+        if (ema is None) != ("ema_n_averaged" not in st):
+            raise ValueError(f"{rt.resume_from} was trained with a different train.ema")
+        if ema is None:
+            model.load_state_dict(ck.model.state_dict())
+        else:  # the checkpoint's weights are the average; the last step's are in the state
+            model.load_state_dict(st["train_weights"])
+            ema.module.load_state_dict(ck.model.state_dict())
+            ema.n_averaged.copy_(st["ema_n_averaged"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         stopper = EarlyStopping.from_state(st["early_stopping"])
@@ -254,7 +271,9 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         start_epoch = int(st["epoch"]) + 1
         log.info("resumed from %s at epoch %d", rt.resume_from, start_epoch)
 
-    model = rt.wrap_model(model)
+    # What is scored on val and saved: the weight average when train.ema is on.
+    scored = model if ema is None else ema.module
+    base, model = model, rt.wrap_model(model)
     val_eval = val_ws.sample(tc.max_eval_windows, tc.seed)
     select = select_key(cfg.eval.select_metric, cfg.eval.pool_size)
     bank = training_bank(bank, tc)
@@ -277,7 +296,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         ckpt_dir = None
         if improved and coll.rank == 0:
             ckpt_dir = save_checkpoint(
-                rt.checkpoint_root / f"epoch_{epoch:03d}", model, cfg.model, epoch=epoch,
+                rt.checkpoint_root / f"epoch_{epoch:03d}", scored, cfg.model, epoch=epoch,
                 metrics={k: v for k, v in row.items() if isinstance(v, (int, float))},
                 data=bank.identity(), config=to_dict(cfg),
                 train_state={
@@ -287,6 +306,8 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
                     "torch_rng": torch.get_rng_state(),
                     "epoch": epoch,
                     "history_json": json.dumps(history),
+                    **({} if ema is None else {"train_weights": base.state_dict(),
+                                               "ema_n_averaged": ema.n_averaged}),
                 })
         rt.report(row, ckpt_dir)
         summary = row
@@ -300,7 +321,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
     if tc.init_from and rt.resume_from is None:
         # The starting weights are epoch -1 (checkpoint epoch_-01): a fine-tune that never beats
         # them on val ends with them, instead of with the least bad epoch of a run that only lost.
-        val = evaluate_model(model, bank, val_eval, cfg, coll, device, bootstrap=0)
+        val = evaluate_model(scored, bank, val_eval, cfg, coll, device, bootstrap=0)
         record(-1, {"epoch": -1, "train_loss": float("nan"), "train_windows": 0,
                     "train_seconds": 0.0, "step_seconds": 0.0, "step_seconds_median": 0.0,
                     "windows_per_s": 0.0}, val)
@@ -322,6 +343,8 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         for group in groups_of(micro, accum):
             s = train_group(model, group, opt, sched, cfg.loss, tc, coll, negative_pool,
                             doc_end)
+            if ema is not None:
+                ema.update_parameters(base)
             for k, v in s.items():
                 totals[k] = totals.get(k, 0.0) + v
             n_steps += 1
@@ -331,7 +354,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         train_time = time.perf_counter() - t0
         step_time = (time.perf_counter() - t_steps) / max(1, n_steps)
         train_stats = coll.all_reduce_mean({k: v / max(1, n_steps) for k, v in totals.items()})
-        val = evaluate_model(model, bank, val_eval, cfg, coll, device, bootstrap=0)
+        val = evaluate_model(scored, bank, val_eval, cfg, coll, device, bootstrap=0)
         record(epoch, {
             "epoch": epoch,
             "train_loss": train_stats.get("loss", float("nan")),

@@ -122,6 +122,9 @@ ROWS: tuple[Row, ...] = (
     # stopping: the two rows with the highest test scores of a MemoryGRU on sotu.
     Row("stacked", "context 1000 + 16,384 bank negatives + val5k's early stopping",
         {"window": {"context": 1000}, "loss": {"bank_negatives": 16384}, "train": _VAL5K}),
+    # Polyak averaging: val5k's plateau scored and saved as a moving average of the weights.
+    Row("ema", "val5k, evaluated and saved as an exponential moving average of the weights "
+        "(decay 0.9 per optimiser step)", {"train": {**_VAL5K, "ema": 0.9}}),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -143,6 +146,18 @@ def row_overrides(row: Row, out_dir: str | Path) -> dict[str, Any]:
     over: dict[str, Any] = json.loads(json.dumps(row.overrides))
     deep_update(over, {"run": {"name": row.name, "storage_path": str(out_dir)}})
     return over
+
+
+def check_no_conflict(row: Row, out_dir: str | Path, extra: dict[str, Any] | None) -> None:
+    """A row's own change wins over --set; a --set of the same key to another value would be
+    silently ignored, so it is refused before anything trains."""
+    ours = dict(_flatten(row_overrides(row, out_dir)))
+    clash = [f"{k}={v!r} (row {row.name}: {ours[k]!r})" for k, v in _flatten(extra or {})
+             if k in ours and ours[k] != v]
+    if clash:
+        raise ValueError("--set conflicts with what the row changes: " + "; ".join(clash)
+                         + ". A row's change cannot be overridden (the output folder is --out); "
+                         "run `lvm train --local` with the row's command and your --set instead")
 
 
 def row_config(base: Config, row: Row, out_dir: str | Path) -> Config:
@@ -271,6 +286,8 @@ def run_ablation(base: Config, rows: list[str] | None = None, out_dir: str | Pat
     if unknown:
         raise ValueError(f"unknown ablation row(s) {unknown}; choose from {', '.join(ROW_NAMES)}")
     out = Path(out_dir or Path(base.run.storage_path) / "ablations")
+    for row in (r for r in ROWS if r.name in names):
+        check_no_conflict(row, out, extra)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for row in (r for r in ROWS if r.name in names):
