@@ -203,6 +203,8 @@ class RowPool:
             return self.on_device[c.to(self.device)]
         rows = self.rows[c.numpy()]
         return torch.from_numpy(self.vectors[rows].astype(np.float32)).to(self.device)
+
+
 def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
     """train.ema: an exponential moving average of `model`'s weights (and buffers), updated
     after every optimiser step; None when decay is 0."""
@@ -255,7 +257,7 @@ def fit(cfg: Config, bank: ConceptBank, train_ws: WindowSet, val_ws: WindowSet,
         st = load_train_state(rt.resume_from)
         if st is None:
             raise ValueError(f"{rt.resume_from} holds no training state to resume from")
-        if (ema is None) != ("ema_n_averaged" not in st):
+        if (ema is not None) != ("ema_n_averaged" in st):
             raise ValueError(f"{rt.resume_from} was trained with a different train.ema")
         if ema is None:
             model.load_state_dict(ck.model.state_dict())

@@ -67,7 +67,8 @@ def main() -> None:
         ck, cfg, bank, ws = checkpoint_with_windows(path)
         ews = ws.val if a.split == "val" else ws.test
         ecfg = dataclasses.replace(cfg.eval, bootstrap=0)
-        basis = principal_basis(bank.vectors[ws.train.rows], 0.99)
+        train = bank.vectors[ws.train.rows]
+        basis = principal_basis(train, 0.99)
         y = bank.vectors[ews.target_rows]
         last = bank.vectors[ews.last_rows]
         pred = predict_windows(ck.model, bank.vectors, ews)
@@ -79,7 +80,7 @@ def main() -> None:
             print(f"| {path} | {name} | {100 * r['bank_hit@5']:.2f} | {r['margin']:.3f} | "
                   f"{r['par']:.3f} | {cy:.3f} | {cl:.3f} | {cy / cl:.2f} | "
                   f"{inside if p is pred else 1.0:.3f} |")
-        mean = bank.vectors[ws.train.rows].mean(0) if a.betas else None
+        mean = train.mean(0) if a.betas else None
         for beta in a.betas:
             r = evaluate(centred(pred, mean, beta), ews, bank, ecfg)
             print(f"| {path} | minus {beta:g} x the mean concept | {100 * r['bank_hit@5']:.2f} | "
